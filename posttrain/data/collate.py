@@ -1,0 +1,33 @@
+"""Collation of tokenised pairs into one concatenated batch: chosen rows first, then rejected rows.
+
+`loss_mask[i, t] = 1` where token t of row i is a completion token; padding is on the right and
+masked. A row with `pair_weight = 0` only fills a micro-batch (a process with no real pair left in
+an uneven last step still has to run forward and backward for the collective operations).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.data.tokenize import TokenizedPair
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, weights: list[float] | None = None) -> dict:
+    if not pairs:
+        raise ValueError("collate_pairs: no pairs to collate.")
+    if weights is not None and len(weights) != len(pairs):
+        raise ValueError(f"collate_pairs: {len(weights)} weights for {len(pairs)} pairs.")
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    length = max(len(a) + len(b) for a, b in rows)
+    n = len(rows)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    loss_mask = torch.zeros((n, length), dtype=torch.long)
+    for i, (prompt, completion) in enumerate(rows):
+        seq = prompt + completion
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        attention_mask[i, :len(seq)] = 1
+        loss_mask[i, len(prompt):len(seq)] = 1
+    weight = torch.tensor(weights if weights is not None else [1.0] * len(pairs), dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "pair_weight": weight, "num_pairs": len(pairs)}

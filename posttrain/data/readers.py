@@ -1,0 +1,249 @@
+"""Read preference pairs from JSONL, JSON, parquet or a `datasets` directory.
+
+Formats (detected per file from the first row's fields, or fixed by `format:`):
+- "trl": TRL's standard preference format, `prompt` / `chosen` / `rejected`, each a string or a list of
+  chat messages ({"role", "content"}); without `prompt`, the shared leading messages of `chosen` and
+  `rejected` are the prompt (TRL's implicit-prompt form).
+- "hh": raw Anthropic HH-RLHF, `chosen` / `rejected` as whole dialogues; the prompt is everything up to and
+  including the last "\n\nAssistant:", the response what follows it.
+
+Every row is validated; a bad row is reported with the file, the row number (1-based) and the
+field. With `invalid_rows: skip` it is counted and logged, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+from posttrain.errors import DataError
+
+HH_SPLIT = "\n\nAssistant:"
+Messages = list[dict]
+
+
+@dataclass
+class PreferenceRow:
+    """One validated pair. `prompt` is a string or chat messages; responses are strings (the assistant's
+    text). `source`/`row` say where it came from."""
+
+    prompt: Union[str, Messages]
+    chosen: str
+    rejected: str
+    source: str
+    row: int
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class InvalidRow:
+    source: str
+    row: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}, row {self.row}, field {self.field!r}: {self.reason}"
+
+
+def _iter_raw_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
+    """Yield (row_number, record) for every record, 1-based, with errors naming file and row."""
+    if path.is_dir():
+        try:
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"{path}: not a directory written by datasets' save_to_disk ({exc}).") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: the datasets directory has splits {list(ds)}, not {split!r}; set `split:`.")
+            ds = ds[split]
+        for i, record in enumerate(ds):
+            yield i + 1, record
+        return
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read as parquet ({exc}).") from None
+        for i, record in enumerate(table.to_pylist()):
+            yield i + 1, record
+        return
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark (editors on Windows) is not part of the data
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start}, line {line}). Re-save the file "
+                        f"as UTF-8.") from None
+    if text.lstrip().startswith("["):  # one JSON array of rows (whatever the suffix: also a .jsonl saved as JSON)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if suffix == ".json":
+                raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+            records = None  # JSON Lines whose first row is not an object: reported row by row below
+        if isinstance(records, list):
+            for i, record in enumerate(records):
+                yield i + 1, record
+            return
+    # JSON Lines (also .json files holding one record a line). Split on "\n" only: str.splitlines() also splits
+    # at U+2028, U+0085, form feeds etc., which JSON allows unescaped inside strings.
+    for i, line in enumerate(text.split("\n")):
+        if not line.strip():
+            continue
+        try:
+            yield i + 1, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {i + 1}: invalid JSON ({exc.msg} at column {exc.colno}). Fix or remove "
+                            f"that line.") from None
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def detect_format(record: dict, source: str, row: int = 1) -> str:
+    """The format of a file, from its first record. A record that has some of the expected fields but not all
+    still fixes the format (its missing field is then reported as an invalid row, with the row's number)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{source}, row {row}: expected a JSON object with fields prompt/chosen/rejected, got "
+                        f"{type(record).__name__}.")
+    if any(name in record for name in ("prompt", "chosen", "rejected")):
+        if "prompt" in record:
+            return "trl"
+        if any(isinstance(record.get(name), str) and HH_SPLIT in record[name] for name in ("chosen", "rejected")):
+            return "hh"
+        return "trl"
+    raise DataError(
+        f"{source}, row {row}: cannot tell the data format from fields {sorted(record)}. posttrain reads TRL's "
+        f"preference format (prompt, chosen, rejected) and raw HH-RLHF (chosen, rejected dialogues); rename your "
+        f"fields or set `format:`."
+    )
+
+
+def _assistant_text(value: Any) -> Optional[str]:
+    """A response given as a string or as messages ending in one assistant message."""
+    if isinstance(value, str):
+        return value
+    if _is_messages(value) and value and value[-1]["role"] == "assistant" and isinstance(value[-1]["content"], str):
+        return value[-1]["content"] if len(value) == 1 else None
+    return None
+
+
+def _missing(record: dict) -> str:
+    return f"missing field (the row has fields {sorted(record)})"
+
+
+def _parse_trl(record: dict, source: str, row: int) -> Union[PreferenceRow, InvalidRow]:
+    for name in ("chosen", "rejected"):
+        if name not in record or record[name] is None:
+            return InvalidRow(source, row, name, _missing(record))
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = record.get("prompt")
+    if prompt is None:  # implicit prompt: shared leading messages
+        if not (_is_messages(chosen) and _is_messages(rejected)):
+            return InvalidRow(source, row, "prompt", "missing field (and chosen/rejected are not message lists "
+                                                     "from which to take an implicit prompt)")
+        if chosen[:-1] != rejected[:-1]:
+            return InvalidRow(source, row, "prompt", "the prompt differs between chosen and rejected")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        if not prompt:
+            return InvalidRow(source, row, "prompt", "empty prompt")
+    if not (isinstance(prompt, str) or _is_messages(prompt)):
+        return InvalidRow(source, row, "prompt", "must be a string or a list of {role, content} messages")
+    c_text, r_text = _assistant_text(chosen), _assistant_text(rejected)
+    if c_text is None:
+        return InvalidRow(source, row, "chosen", "must be a string or a single assistant message")
+    if r_text is None:
+        return InvalidRow(source, row, "rejected", "must be a string or a single assistant message")
+    extras = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected")}
+    return PreferenceRow(prompt, c_text, r_text, source, row, extras)
+
+
+def _parse_hh(record: dict, source: str, row: int) -> Union[PreferenceRow, InvalidRow]:
+    for name in ("chosen", "rejected"):
+        if not isinstance(record.get(name), str):
+            return InvalidRow(source, row, name, _missing(record) if name not in record else "must be a string")
+    chosen, rejected = record["chosen"], record["rejected"]
+    c_cut, r_cut = chosen.rfind(HH_SPLIT), rejected.rfind(HH_SPLIT)
+    if c_cut < 0:
+        return InvalidRow(source, row, "chosen", f"no {HH_SPLIT!r} turn to split the dialogue at")
+    if r_cut < 0:
+        return InvalidRow(source, row, "rejected", f"no {HH_SPLIT!r} turn to split the dialogue at")
+    c_prompt, r_prompt = chosen[:c_cut + len(HH_SPLIT)], rejected[:r_cut + len(HH_SPLIT)]
+    if c_prompt != r_prompt:
+        return InvalidRow(source, row, "prompt", "the prompt (dialogue before the last Assistant turn) differs "
+                                                 "between chosen and rejected")
+    return PreferenceRow(c_prompt, chosen[c_cut + len(HH_SPLIT):], rejected[r_cut + len(HH_SPLIT):], source, row)
+
+
+def validate_row(row: PreferenceRow) -> Optional[InvalidRow]:
+    if not row.prompt or (isinstance(row.prompt, str) and not row.prompt.strip()):
+        return InvalidRow(row.source, row.row, "prompt", "empty prompt")
+    if not row.chosen.strip():
+        return InvalidRow(row.source, row.row, "chosen", "empty response")
+    if not row.rejected.strip():
+        return InvalidRow(row.source, row.row, "rejected", "empty response")
+    if row.chosen == row.rejected:
+        return InvalidRow(row.source, row.row, "rejected", "chosen and rejected are identical")
+    if row.chosen.strip() == row.rejected.strip():  # the chat template strips responses: identical tokens
+        return InvalidRow(row.source, row.row, "rejected", "chosen and rejected are identical apart from "
+                                                           "leading/trailing whitespace")
+    return None
+
+
+def handle_invalid(invalid: list[InvalidRow], policy: str, what: str) -> None:
+    """Raise for the first invalid row (policy `error`) or log all of them (policy `skip`)."""
+    if not invalid:
+        return
+    if policy == "error":
+        first = invalid[0]
+        more = f" ({len(invalid) - 1} more rows are invalid too.)" if len(invalid) > 1 else ""
+        raise DataError(f"invalid row in {what}: {first}.{more} Fix the data, or set `data.invalid_rows: skip` to "
+                        f"leave such rows out (they are counted and listed in the log).")
+    from posttrain.logs import get_logger
+
+    log = get_logger()
+    log.warning("%s: skipped %d invalid rows", what, len(invalid))
+    for item in invalid[:20]:
+        log.warning("  skipped %s", item)
+    if len(invalid) > 20:
+        log.warning("  ... and %d more (all listed in the run's skipped_rows.jsonl)", len(invalid) - 20)
+
+
+def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
+                         limit: Optional[int] = None) -> tuple[list[PreferenceRow], list[InvalidRow]]:
+    """Read and validate every row of `path`. Returns (valid rows, invalid rows)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data path {path!r} does not exist (working directory {Path.cwd()}).")
+    source = str(p)
+    rows: list[PreferenceRow] = []
+    invalid: list[InvalidRow] = []
+    parser = None
+    records = 0
+    for number, record in _iter_raw_rows(p, split):
+        records += 1
+        if not isinstance(record, dict):
+            invalid.append(InvalidRow(source, number, "(row)", f"expected a JSON object, got {type(record).__name__}"))
+            continue
+        if parser is None:
+            kind = detect_format(record, source, number) if fmt == "auto" else fmt
+            parser = _parse_hh if kind == "hh" else _parse_trl
+        parsed = parser(record, source, number)
+        if isinstance(parsed, PreferenceRow):
+            bad = validate_row(parsed)
+            parsed = bad or parsed
+        (rows if isinstance(parsed, PreferenceRow) else invalid).append(parsed)
+        if limit is not None and len(rows) >= limit:
+            break
+    if records == 0:
+        raise DataError(f"{source}: the data set is empty (no rows). Point `path:` at a file with preference pairs.")
+    return rows, invalid

@@ -1,0 +1,43 @@
+"""From a recipe's data source to tokenised pairs: read or generate, validate, tokenise, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from posttrain.data.readers import InvalidRow, handle_invalid, load_preference_rows
+from posttrain.data.tasks import builtin_rows
+from posttrain.data.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
+from posttrain.errors import DataError
+from posttrain.logs import get_logger
+
+
+def load_pairs(source, data_cfg, tokenizer, seed: int = 0, what: str = "data.train",
+               skipped_log: Optional[Path] = None) -> tuple[list[TokenizedPair], TokenizeStats, list[InvalidRow]]:
+    """Tokenised pairs of one data source, with invalid rows handled per `data.invalid_rows`."""
+    if source.builtin:
+        rows, invalid = builtin_rows(source.builtin, source.split, source.num_rows, seed), []
+    else:
+        rows, invalid = load_preference_rows(source.path, source.format, source.split)
+    handle_invalid(invalid, data_cfg.invalid_rows, what)
+    pairs, untrainable, stats = tokenize_pairs(rows, tokenizer, data_cfg.template, data_cfg.max_length,
+                                               data_cfg.max_prompt_length, data_cfg.truncation)
+    handle_invalid(untrainable, data_cfg.invalid_rows, what)
+    invalid = invalid + untrainable
+    if source.limit is not None:
+        pairs = pairs[:source.limit]
+    if skipped_log is not None and invalid:  # written before any error below, so the skipped rows are listed
+        skipped_log = Path(skipped_log)
+        skipped_log.parent.mkdir(parents=True, exist_ok=True)
+        with skipped_log.open("a", encoding="utf-8") as handle:
+            for item in invalid:
+                handle.write(json.dumps({"split": what, "source": item.source, "row": item.row, "field": item.field,
+                                         "reason": item.reason}) + "\n")
+    if not pairs:
+        raise DataError(f"{what}: no usable pairs in {source.path or 'builtin:' + str(source.builtin)} "
+                        f"({len(invalid)} invalid rows). Check the file and its fields.")
+    log = get_logger()
+    log.info("%s: %d pairs (%d skipped as invalid, %d truncated to max_length=%d, %d tokenised at a split boundary)",
+             what, len(pairs), len(invalid), stats.truncated, data_cfg.max_length, stats.boundary_fallbacks)
+    return pairs, stats, invalid

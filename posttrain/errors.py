@@ -1,0 +1,21 @@
+"""User-facing errors: one paragraph that names what is wrong and how to fix it.
+
+The CLI prints these without a traceback and exits non-zero; anything else is a bug and keeps its
+traceback.
+"""
+
+
+class PosttrainError(Exception):
+    """A mistake in the user's input (recipe, data, paths) rather than a bug in posttrain."""
+
+
+class RecipeError(PosttrainError):
+    """The recipe (YAML or --set override) is invalid."""
+
+
+class DataError(PosttrainError):
+    """A data file or row is invalid; the message names the file, the row and the field."""
+
+
+class ModelError(PosttrainError):
+    """A model or tokenizer cannot be found or loaded."""

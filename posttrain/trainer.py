@@ -1,0 +1,390 @@
+"""The one trainer: offline pairs through any loss plug-in, on accelerate.
+
+Per optimiser step: the step's pairs are split over processes and micro-batches; the loss plug-in
+gets global normalisers (pairs / tokens of the whole step), so the micro-batch losses add up to the
+step loss whatever the split; each micro-batch's loss is scaled by world size x accumulation steps
+because DDP and accelerate average those away. The trainer asks the loss what it needs
+(`needs_reference`) and never names a loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from posttrain import checkpoint as ckpt
+from posttrain.config import Recipe, recipe_to_dict
+from posttrain.core import Normaliser, PolicyLogProbs
+from posttrain.data.collate import collate_pairs
+from posttrain.data.sources import load_pairs
+from posttrain.data.tokenize import TokenizedPair
+from posttrain.errors import PosttrainError, RecipeError
+from posttrain.eval.ranking import PairScores, score_pairs
+from posttrain.logs import MetricsWriter, get_logger
+from posttrain.losses import PairLossInputs, build_loss
+from posttrain.models import load_policy_and_reference
+from posttrain.runtime import make_accelerator, rng_state, seed_everything, write_run_record
+
+# Recipe sections that may change between a checkpoint and its resume without --force.
+RESUME_FREE_KEYS = {"logging", "eval", "checkpoint"}
+
+
+class StepPlan:
+    """Which pairs each optimiser step trains on: a seeded permutation per epoch, cut into global
+    batches (the last batch of an epoch may be short). Every process computes the same plan, so the
+    data position of a checkpoint is just its step number."""
+
+    def __init__(self, num_pairs: int, batch_size: int, epochs: int, seed: int, shuffle: bool,
+                 max_steps: Optional[int] = None):
+        self.num_pairs, self.batch_size, self.seed, self.shuffle = num_pairs, batch_size, seed, shuffle
+        self.steps_per_epoch = math.ceil(num_pairs / batch_size)
+        self.total_steps = max_steps if max_steps is not None else self.steps_per_epoch * epochs
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def indices(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = np.arange(self.num_pairs)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
+        return order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+
+
+def shard_for_rank(indices: list[int], rank: int, world: int, micro_batch_size: int) -> list[list[Optional[int]]]:
+    """This process's micro-batches of one step. Every process gets the same number of micro-batches
+    and rows; `None` rows (only in a short last step) are zero-weight fillers."""
+    per_rank = math.ceil(len(indices) / world) if indices else 0
+    mine: list[Optional[int]] = list(indices[rank::world])
+    mine += [None] * (per_rank - len(mine))
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def micro_batches_per_step(batch_size: int, world: int, micro_batch_size: int) -> int:
+    return math.ceil(math.ceil(batch_size / world) / micro_batch_size)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None, resume: bool = False, force: bool = False):
+        self.recipe = recipe
+        self.recipe_dir = Path(recipe_path).resolve().parent if recipe_path else None
+        self.resume = resume
+        self.force = force
+        self.log = get_logger()
+        self.output_dir = Path(recipe.run.output_dir)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        r = self.recipe
+        seed_everything(r.run.seed, r.run.num_threads, r.run.deterministic)
+        self.loss = build_loss(r.loss, [self.recipe_dir] if self.recipe_dir else [])
+        if self.loss.data_kind != "pairs":
+            raise RecipeError(f"loss {r.loss[0].name!r} trains on {self.loss.data_kind}, which this trainer's offline "
+                              f"mode does not feed; use an online recipe for group losses.")
+        self.accelerator = make_accelerator(1)
+        acc = self.accelerator
+        self.world, self.rank = acc.num_processes, acc.process_index
+        if not acc.is_main_process:
+            self.log.setLevel("WARNING")  # one process reports
+        if not self.resume and not self.force and acc.is_main_process and ckpt.latest_checkpoint(self.output_dir):
+            raise PosttrainError(f"{self.output_dir} already holds checkpoints of an earlier run. Continue it with "
+                                 f"--resume, choose another run.output_dir, or pass --force to start over there.")
+        with acc.main_process_first():
+            self.tokenizer, self.policy, self.reference = load_policy_and_reference(r, self.loss.needs_reference)
+        self.pad_id = self.tokenizer.pad_token_id
+        skipped = self.output_dir / "skipped_rows.jsonl" if acc.is_main_process else None
+        self.train_pairs, self.train_stats, _ = load_pairs(r.data.train, r.data, self.tokenizer, r.run.seed,
+                                                           "data.train", skipped)
+        self.heldout_pairs: list[TokenizedPair] = []
+        if r.data.heldout is not None:
+            self.heldout_pairs, _, _ = load_pairs(r.data.heldout, r.data, self.tokenizer, r.run.seed, "data.heldout",
+                                                  skipped)
+            if r.eval.max_pairs is not None:
+                self.heldout_pairs = self.heldout_pairs[:r.eval.max_pairs]
+        t = r.train
+        self.plan = StepPlan(len(self.train_pairs), t.batch_size, t.epochs, r.run.seed, t.shuffle, t.max_steps)
+        self.n_micro = micro_batches_per_step(t.batch_size, self.world, t.micro_batch_size)
+        acc.gradient_accumulation_steps = self.n_micro
+        self.model = PolicyLogProbs(self.policy)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if t.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                          weight_decay=t.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        from transformers import get_scheduler
+
+        warmup = t.warmup_steps or int(round(t.warmup_ratio * self.plan.total_steps))
+        name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
+        self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.plan.total_steps)
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.ref_model = None
+        if self.reference.kind == "separate":
+            self.ref_model = PolicyLogProbs(self.reference.model).to(acc.device)
+        self.ref_cache: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+        if self.loss.needs_reference and r.reference.precompute:
+            self.ref_cache = self._precompute_reference()
+        if acc.is_main_process:
+            write_run_record(self.output_dir, recipe_to_dict(r), r.run.seed, self.world)
+        self.metrics = MetricsWriter(self.output_dir, r.logging.tensorboard, acc.is_main_process,
+                                     append=self.resume)
+
+    @property
+    def peft_model(self):
+        return self.accelerator.unwrap_model(self.model).model
+
+    # ------------------------------------------------------------------ forward passes
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.train.bf16)
+
+    def _reference_logps(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            if self.ref_model is not None:
+                return self.ref_model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            with self.reference.context(self.peft_model):
+                return self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+
+    def _precompute_reference(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-token reference log-probs of every training pair, computed once and reused every epoch."""
+        cache: list = [None] * len(self.train_pairs)
+        bs = self.recipe.eval.batch_size
+        order = sorted(range(len(self.train_pairs)), key=lambda i: len(self.train_pairs[i].prompt_ids)
+                       + max(len(self.train_pairs[i].chosen_ids), len(self.train_pairs[i].rejected_ids)))
+        bar = tqdm(range(0, len(order), bs), desc="reference log-probs", disable=not self.accelerator.is_main_process)
+        for start in bar:
+            index = order[start:start + bs]
+            batch = collate_pairs([self.train_pairs[i] for i in index], self.pad_id)
+            logps = self._reference_logps(batch)
+            mask = batch["loss_mask"][:, 1:].bool()
+            k = len(index)
+            for j, i in enumerate(index):
+                cache[i] = (logps[j][mask[j]].clone(), logps[k + j][mask[k + j]].clone())
+        return cache
+
+    def _cached_reference(self, rows: list[Optional[int]], batch: dict, like: torch.Tensor) -> torch.Tensor:
+        values = [self.ref_cache[i if i is not None else 0][0] for i in rows]
+        values += [self.ref_cache[i if i is not None else 0][1] for i in rows]
+        mask = batch["loss_mask"][:, 1:].bool()
+        return like.new_zeros(mask.shape).masked_scatter(mask, torch.cat(values).to(like.dtype))
+
+    # ------------------------------------------------------------------ one optimiser step
+    def _normaliser(self, indices: list[int]) -> Normaliser:
+        pairs = [self.train_pairs[i] for i in indices]
+        chosen = sum(len(p.chosen_ids) for p in pairs)
+        return Normaliser(sequences=float(len(pairs)), tokens=float(chosen + sum(len(p.rejected_ids) for p in pairs)),
+                          chosen_tokens=float(chosen))
+
+    def train_step(self, step: int) -> dict:
+        acc = self.accelerator
+        indices = self.plan.indices(step)
+        normaliser = self._normaliser(indices)
+        micro_batches = shard_for_rank(indices, self.rank, self.world, self.recipe.train.micro_batch_size)
+        scale = self.world * self.n_micro
+        loss_total = torch.zeros((), dtype=torch.float64)
+        metric_sums: dict[str, torch.Tensor] = {}
+        weight_total = torch.zeros((), dtype=torch.float64)
+        tokens = 0
+        for rows in micro_batches:
+            pairs = [self.train_pairs[i if i is not None else 0] for i in rows]
+            weights = [0.0 if i is None else 1.0 for i in rows]
+            batch = collate_pairs(pairs, self.pad_id, weights)
+            tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+                          for p, i in zip(pairs, rows) if i is not None)
+            with acc.accumulate(self.model):
+                with self._autocast():
+                    logps = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+                ref = None
+                if self.loss.needs_reference:
+                    ref = (self._cached_reference(rows, batch, logps) if self.ref_cache is not None
+                           else self._reference_logps(batch).to(logps.dtype))
+                mask = batch["loss_mask"][:, 1:].to(logps.dtype)
+                b = len(rows)
+                inputs = PairLossInputs(
+                    chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_mask=mask[:b], rejected_mask=mask[b:],
+                    normaliser=normaliser, pair_weight=batch["pair_weight"].to(logps.dtype),
+                    ref_chosen_logps=None if ref is None else ref[:b],
+                    ref_rejected_logps=None if ref is None else ref[b:],
+                )
+                out = self.loss(inputs)
+                acc.backward(out.loss * scale)
+            loss_total += out.loss.detach().double()
+            w = inputs.pair_weight.double()
+            weight_total += w.sum()
+            for name, value in out.metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + (value.double() * w).sum()
+            for name, value in out.parts.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().double()
+        grad_norm = self._clip_gradients()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        names = sorted(metric_sums)
+        local = torch.stack([loss_total, weight_total, torch.tensor(float(tokens), dtype=torch.float64)]
+                            + [torch.as_tensor(metric_sums[n], dtype=torch.float64) for n in names])
+        total = acc.reduce(local.to(acc.device), reduction="sum").cpu() if self.world > 1 else local
+        parts = {n for n in names if n.startswith("loss/")}
+        record = {"loss": total[0].item()}
+        for k, name in enumerate(names):
+            value = total[3 + k].item()
+            record[name] = value if name in parts else value / max(total[1].item(), 1e-12)
+        record["grad_norm"] = grad_norm
+        record["learning_rate"] = learning_rate
+        record["num_tokens"] = total[2].item()
+        return record
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.recipe.train.max_grad_norm
+        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        return float(norm) if norm is not None else float("nan")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> Optional[dict]:
+        """Held-out ranking accuracy, each process scoring an equal shard."""
+        if not self.heldout_pairs:
+            return None
+        scores = self.score(self.heldout_pairs)
+        return {"ranking_accuracy": scores.ranking_accuracy(),
+                "ranking_accuracy_normalised": scores.normalised_ranking_accuracy(),
+                "logps/chosen": scores.chosen_logps.mean().item(), "logps/rejected": scores.rejected_logps.mean().item()}
+
+    def score(self, pairs: list[TokenizedPair]) -> PairScores:
+        acc = self.accelerator
+        n = len(pairs)
+        per_rank = math.ceil(n / self.world)
+        mine = list(range(self.rank, n, self.world))
+        mine += [0] * (per_rank - len(mine))
+        local = score_pairs(self.model, [pairs[i] for i in mine], self.pad_id, self.recipe.eval.batch_size,
+                            progress=acc.is_main_process and self.recipe.logging.progress_bar,
+                            autocast_bf16=self.recipe.train.bf16)
+        stacked = torch.stack([local.chosen_logps, local.rejected_logps])
+        if self.world > 1:
+            stacked = acc.gather(stacked.T.contiguous().to(acc.device)).cpu().T  # [2, world * per_rank]
+            order = [i for r in range(self.world) for i in (list(range(r, n, self.world))
+                                                             + [-1] * (per_rank - len(range(r, n, self.world))))]
+        else:
+            order = mine
+        chosen, rejected = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for pos, i in enumerate(order):
+            if i >= 0 and pos < stacked.shape[1]:
+                chosen[i], rejected[i] = stacked[0, pos], stacked[1, pos]
+        return PairScores(chosen, rejected,
+                          torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.float64),
+                          torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.float64))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self, step: int, history: dict) -> dict:
+        return {"step": step, "epoch": self.plan.epoch_of(step), "data_position": step,
+                "recipe": recipe_to_dict(self.recipe), "world_size": self.world, "history": history}
+
+    def save(self, step: int, history: dict) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ckpt.save_checkpoint(self.output_dir, step, self.peft_model, self.optimizer.optimizer
+                                 if hasattr(self.optimizer, "optimizer") else self.optimizer, self.scheduler,
+                                 rng_state(), self._trainer_state(step, history), self.recipe.checkpoint.keep_last)
+        acc.wait_for_everyone()
+
+    def _try_resume(self) -> tuple[int, dict]:
+        path = ckpt.latest_checkpoint(self.output_dir)
+        if path is None:
+            self.log.warning("--resume: no complete checkpoint in %s; starting from step 0", self.output_dir)
+            return 0, {}
+        saved = json.loads((path / "trainer_state.json").read_text())
+        differences = _recipe_differences(saved["recipe"], recipe_to_dict(self.recipe))
+        if differences and not self.force:
+            raise PosttrainError(f"cannot resume from {path}: the recipe differs from the checkpoint's in "
+                                 f"{', '.join(differences)}. Restore those values, or pass --force to resume anyway.")
+        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        state = ckpt.load_checkpoint(path, self.peft_model, optimizer, self.scheduler)
+        self.log.info("resumed from %s (step %d)", path, state["step"])
+        self.metrics.truncate_after(state["step"])
+        return state["step"], state.get("history", {})
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        self._setup()
+        acc = self.accelerator
+        r = self.recipe
+        start, history = self._try_resume() if self.resume else (0, {})
+        if start == 0 and r.eval.at_start and self.heldout_pairs:
+            history["heldout_before"] = self.evaluate()
+            self.metrics.write(0, history["heldout_before"], prefix="eval")
+            self._say(f"held-out ranking accuracy before training: {history['heldout_before']['ranking_accuracy']:.4f} "
+                      f"({len(self.heldout_pairs)} pairs)")
+        bar = tqdm(total=self.plan.total_steps, initial=start, desc="training",
+                   disable=not (acc.is_main_process and r.logging.progress_bar))
+        self.model.train()
+        started = time.time()
+        for step in range(start, self.plan.total_steps):
+            t0 = time.time()
+            record = self.train_step(step)
+            elapsed = time.time() - t0
+            record["tokens_per_second"] = record.pop("num_tokens") / max(elapsed, 1e-9)
+            record["epoch"] = (step + 1) / self.plan.steps_per_epoch
+            record["step_time"] = elapsed
+            if not math.isfinite(record["loss"]):
+                raise PosttrainError(f"step {step + 1}: the loss is {record['loss']}; stopping. Lower the learning "
+                                     f"rate or check the batch's pairs ({self.plan.indices(step)[:8]}...).")
+            done = step + 1
+            if done % r.logging.every == 0 or done == self.plan.total_steps:
+                self.metrics.write(done, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', float('nan')):.2f}")
+            if r.eval.every and done % r.eval.every == 0 and done != self.plan.total_steps and self.heldout_pairs:
+                self.metrics.write(done, self.evaluate(), prefix="eval")
+            if r.checkpoint.every and done % r.checkpoint.every == 0 and done != self.plan.total_steps:
+                self.save(done, history)
+        bar.close()
+        train_time = time.time() - started
+        if r.eval.at_end and self.heldout_pairs:
+            history["heldout_after"] = self.evaluate()
+            self.metrics.write(self.plan.total_steps, history["heldout_after"], prefix="eval")
+        self.save(self.plan.total_steps, history)
+        if acc.is_main_process:
+            final = self.output_dir / "final"
+            ckpt.save_trainable(self.peft_model, final)
+            self.tokenizer.save_pretrained(final)
+        summary = {"steps": self.plan.total_steps, "train_seconds": train_time, **history}
+        if acc.is_main_process:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            before, after = history.get("heldout_before"), history.get("heldout_after")
+            if after:
+                line = f"held-out ranking accuracy after training: {after['ranking_accuracy']:.4f}"
+                if before:
+                    delta = 100 * (after["ranking_accuracy"] - before["ranking_accuracy"])
+                    line = (f"held-out ranking accuracy: {before['ranking_accuracy']:.4f} before -> "
+                            f"{after['ranking_accuracy']:.4f} after ({delta:+.1f} points, {len(self.heldout_pairs)} pairs)")
+                self._say(line)
+        self.metrics.close()
+        acc.wait_for_everyone()
+        return summary
+
+    def _say(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(f"[posttrain] {text}")
+
+
+def _recipe_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(saved) | set(current)):
+        if not prefix and key in RESUME_FREE_KEYS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _recipe_differences(a, b, path + ".")
+        elif a != b:
+            keys.append(path)
+    return keys

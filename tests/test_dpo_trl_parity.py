@@ -1,0 +1,219 @@
+"""posttrain's DPO loss equals TRL 1.16's `DPOTrainer._compute_loss` (spec section 1), in float64.
+
+The TRL side is a real `DPOTrainer` on a tiny float64 Llama with `precompute_ref_log_probs=True`: its
+own preprocessing tokenises the pairs, its own collator builds the batch, and its `_compute_loss`
+reads the reference sums from the batch. Both sides get identical per-token log-probs: posttrain's
+`PolicyLogProbs` values on TRL's token ids, handed to TRL through a forward hook on the model.
+They have to be injected because TRL's fused LM head computes the log-softmax in float32 even for a
+float64 model, so its own values agree with a float64 forward only to about 1e-7. The test checks
+that agreement too, which shows that both sides score the same tokens at the same positions. The
+comparison covers the loss and its gradient w.r.t. the per-token log-probs (rtol 1e-9) and TRL's
+logged metrics (rewards, margins, accuracies, summed log-probs). The file also checks the spec's worked example.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_model
+from posttrain.config import LossTerm
+from posttrain.core import Normaliser, PolicyLogProbs
+from posttrain.losses import PairLossInputs, build_loss
+
+RTOL = 1e-9
+BETA = 0.1
+
+PAIRS = {  # lengths differ so that chosen and rejected rows both get right padding
+    "prompt": ["The sky is", "Two plus two is", "Water boils at", "My favourite colour"],
+    "chosen": [" blue.", " four.", " one hundred degrees Celsius at sea level.", " is green"],
+    "rejected": [" green and purple.", " five", " zero.", " is probably a secret I keep"],
+}
+# Reference sums are the policy sums shifted by these known offsets, so every implicit reward is known
+# in closed form: r_w = -beta * OFFSET_CHOSEN, r_l = -beta * OFFSET_REJECTED (accuracies mixed).
+OFFSET_CHOSEN = torch.tensor([1.5, -2.0, 0.75, -0.25], dtype=torch.float64)
+OFFSET_REJECTED = torch.tensor([-0.5, 1.0, 2.25, 0.5], dtype=torch.float64)
+METRICS = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected"]
+
+
+def _dpo(loss_type: str, beta: float = BETA, **extra):
+    return build_loss([LossTerm(name="dpo", weight=1.0, params={"beta": beta, "loss_type": loss_type, **extra})])
+
+
+def _pair_inputs(chosen, rejected, chosen_mask, rejected_mask, ref_chosen, ref_rejected):
+    b = chosen.shape[0]
+    return PairLossInputs(
+        chosen_logps=chosen, rejected_logps=rejected, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
+        normaliser=Normaliser(sequences=b, tokens=float(chosen_mask.sum() + rejected_mask.sum()),
+                              chosen_tokens=float(chosen_mask.sum())),
+        pair_weight=torch.ones(b, dtype=chosen.dtype), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+
+
+def _sum_on_first_token(sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token reference values whose masked sum is `sums` (all of it on the first completion token)."""
+    first = mask.argmax(dim=1)
+    per_token = torch.zeros_like(mask)
+    per_token[torch.arange(mask.shape[0]), first] = sums
+    assert torch.equal((per_token * mask).sum(-1), sums)
+    return per_token
+
+
+@pytest.fixture
+def trl_trainer(request, tokenizer, tmp_path, monkeypatch):
+    """A real TRL DPOTrainer (precomputed reference log-probs) on a tiny float64 model."""
+    pytest.importorskip("trl", minversion="1.16")
+    from accelerate.state import AcceleratorState
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # TRL's precompute loop reads it at call time
+    model = make_tiny_model(len(tokenizer), seed=0, dtype=torch.float64)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=request.param, beta=BETA,
+                     precompute_ref_log_probs=True, report_to="none", use_cpu=True, bf16=False, fp16=False,
+                     gradient_checkpointing=False, per_device_train_batch_size=len(PAIRS["prompt"]),
+                     max_length=None, save_strategy="no", logging_strategy="no", seed=0)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(PAIRS), processing_class=tokenizer)
+    yield trainer
+    # Trainer's Accelerator registers process-wide singletons; do not leak them into other tests.
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("trl_trainer", ["sigmoid", "ipo"], indirect=True)
+def test_dpo_loss_and_metrics_equal_trl_dpo_trainer(trl_trainer):
+    trainer = trl_trainer
+    loss_type = trainer.loss_types[0]
+    assert trainer.loss_types == [loss_type] and trainer.beta == BETA and trainer.ld_alpha is None
+    assert trainer.precompute_ref_logps and trainer.ref_model is None  # no reference model: must read the batch
+    model = trainer.model
+    assert next(model.parameters()).dtype == torch.float64
+
+    # TRL's own tokenisation and collation (EOS appended to the completions, right padding).
+    dataset = trainer.train_dataset
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names)
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    n_pairs = len(dataset)
+    input_ids, attention_mask, completion_mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    assert input_ids.shape[0] == 2 * n_pairs  # [chosen..., rejected...]
+    assert (attention_mask == 0).any(dim=1)[:n_pairs].any() and (attention_mask == 0).any(dim=1)[n_pairs:].any()
+
+    # posttrain's per-token log-probs on exactly these token ids; loss mask = TRL's completion mask.
+    model.eval()  # dropout is off in the tiny model anyway; _compute_loss below runs in train mode as usual
+    with torch.no_grad():
+        ours = PolicyLogProbs(model)(input_ids, attention_mask, completion_mask)
+    model.train()
+    assert ours.dtype == torch.float64
+    mask = completion_mask[:, 1:].to(torch.float64)  # label position t -> entry t-1
+    assert (ours[mask == 0] == 0).all() and (ours[mask == 1] < 0).all()
+    policy_sums = (ours * mask).sum(-1)
+
+    # TRL's precomputed reference sums (the untouched initial model) agree with posttrain's up to TRL's float32
+    # log-softmax: both sides score the same tokens.
+    trl_ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).to(torch.float64)
+    torch.testing.assert_close(trl_ref, policy_sums, rtol=1e-5, atol=1e-5)
+
+    # Known reference sums, fed to TRL through the precomputed path.
+    ref_chosen = policy_sums[:n_pairs] + OFFSET_CHOSEN
+    ref_rejected = policy_sums[n_pairs:] + OFFSET_REJECTED
+    batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_chosen.clone(), ref_rejected.clone()
+
+    seen = {}
+
+    def inject(module, args, kwargs, output):
+        # TRL's fused head: float32 log-softmax, zeros off the completion; same positions as posttrain's.
+        assert kwargs.get("fused_lm_head") is True
+        assert output.log_probs.shape == ours.shape
+        assert torch.equal(output.log_probs != 0, ours != 0)
+        torch.testing.assert_close(output.log_probs.to(torch.float64), ours, rtol=1e-5, atol=1e-5)
+        seen["called"] = True
+        output.log_probs = trl_leaf
+        return output
+
+    trl_leaf = ours.clone().requires_grad_(True)  # TRL's loss gradient w.r.t. the per-token log-probs lands here
+    handle = model.register_forward_hook(inject, with_kwargs=True)
+    try:
+        trainer._metrics["train"].clear()
+        trl_loss = trainer._compute_loss(model, batch, return_outputs=False)
+    finally:
+        handle.remove()
+    assert seen.get("called"), "TRL's forward was not called through the hooked model"
+    trl_metrics = {name: trainer._metrics["train"][name] for name in METRICS}
+    assert all(len(values) == 1 for values in trl_metrics.values()), trl_metrics
+    trl_metrics = {name: values[0] for name, values in trl_metrics.items()}
+    assert trl_loss.dtype == torch.float64
+
+    # posttrain on the same per-token values; the reference sums sit on the first completion token.
+    chosen_mask, rejected_mask = mask[:n_pairs], mask[n_pairs:]
+    chosen_leaf, rejected_leaf = (x.clone().requires_grad_(True) for x in (ours[:n_pairs], ours[n_pairs:]))
+    out = _dpo(loss_type)(_pair_inputs(chosen_leaf, rejected_leaf, chosen_mask, rejected_mask,
+                                       _sum_on_first_token(ref_chosen, chosen_mask),
+                                       _sum_on_first_token(ref_rejected, rejected_mask)))
+
+    assert out.loss.dtype == torch.float64
+    assert math.isclose(out.loss.item(), trl_loss.item(), rel_tol=RTOL, abs_tol=0.0), (out.loss.item(),
+                                                                                          trl_loss.item())
+    for name in METRICS:  # TRL logs the batch mean of each per-pair value
+        ours_mean = out.metrics[name].mean().item()
+        assert math.isclose(ours_mean, trl_metrics[name], rel_tol=RTOL, abs_tol=0.0), (name, ours_mean,
+                                                                                        trl_metrics[name])
+
+    # Same gradient w.r.t. every completion token's log-prob (posttrain's comes from the unified-core surrogate,
+    # not from autograd of the loss value). TRL sums whole rows, so only the completion positions are comparable;
+    # its fused head has no gradient elsewhere. posttrain's is zero there.
+    trl_loss.backward()
+    out.loss.backward()
+    ours_grad = torch.cat([chosen_leaf.grad, rejected_leaf.grad])
+    assert (ours_grad[mask == 0] == 0).all() and (ours_grad[mask == 1] != 0).all()
+    torch.testing.assert_close(ours_grad, trl_leaf.grad * mask, rtol=RTOL, atol=0.0)
+
+    # Both equal the closed form of the known offsets (so the injected values really reached TRL).
+    r_w, r_l = -BETA * OFFSET_CHOSEN, -BETA * OFFSET_REJECTED
+    torch.testing.assert_close(out.metrics["rewards/chosen"], r_w, rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(out.metrics["rewards/rejected"], r_l, rtol=RTOL, atol=1e-12)
+    assert out.metrics["rewards/accuracies"].tolist() == (r_w > r_l).double().tolist()
+    assert 0 < trl_metrics["rewards/accuracies"] < 1
+    if loss_type == "sigmoid":
+        expected = -F.logsigmoid(r_w - r_l).mean()
+    else:
+        n_w, n_l = completion_mask[:n_pairs].sum(-1), completion_mask[n_pairs:].sum(-1)
+        expected = ((-OFFSET_CHOSEN / n_w + OFFSET_REJECTED / n_l - 1 / (2 * BETA)) ** 2).mean()
+    assert math.isclose(trl_loss.item(), expected.item(), rel_tol=RTOL), (trl_loss.item(), expected.item())
+
+
+# Spec section 1, worked example.
+WORKED = dict(chosen=[-2.0, -3.0, -5.0], rejected=[-4.0, -4.0, -4.0], ref_chosen=[-2.5, -3.5, -5.0],
+              ref_rejected=[-4.0, -3.5, -4.0])
+
+
+def _worked_inputs(rows=1):
+    t = {k: torch.tensor([v] * rows, dtype=torch.float64) for k, v in WORKED.items()}
+    ones = torch.ones(rows, 3, dtype=torch.float64)
+    return _pair_inputs(t["chosen"], t["rejected"], ones, ones.clone(), t["ref_chosen"], t["ref_rejected"])
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"loss_type": "sigmoid"}, 0.6209570477895321),
+    ({"loss_type": "sigmoid", "label_smoothing": 0.1}, 0.6359570477895321),
+    ({"loss_type": "ipo"}, 20.25),
+])
+def test_spec_worked_example(params, expected):
+    out = _dpo(**params)(_worked_inputs())
+    assert math.isclose(out.loss.item(), expected, rel_tol=RTOL)
+    assert math.isclose(out.metrics["rewards/chosen"].item(), 0.1, rel_tol=RTOL)
+    assert math.isclose(out.metrics["rewards/rejected"].item(), -0.05, rel_tol=RTOL)
+    assert math.isclose(out.metrics["rewards/margins"].item(), 0.15, rel_tol=RTOL)
+    assert out.metrics["rewards/accuracies"].item() == 1.0
+    assert out.metrics["logps/chosen"].item() == -10.0 and out.metrics["logps/rejected"].item() == -12.0
+
+
+def test_spec_worked_example_batch_mean():
+    # Second pair: h = -2.0, obtained by lowering the policy's chosen log-prob by 3.5 on one token.
+    inputs = _worked_inputs(rows=2)
+    inputs.chosen_logps[1, 0] -= 3.5
+    out = _dpo("sigmoid")(inputs)
+    torch.testing.assert_close(out.metrics["rewards/margins"], torch.tensor([0.15, -0.2], dtype=torch.float64),
+                               rtol=RTOL, atol=1e-15)
+    assert math.isclose(out.loss.item(), 0.709547958585562, rel_tol=RTOL)
