@@ -65,7 +65,8 @@ class DataSource:
     builtin: Optional[str] = None  # name of a built-in task, e.g. "arithmetic"
     split: str = "train"  # for built-in tasks: train | heldout; for datasets dirs: the split name
     format: Literal["auto", "trl", "hh"] = "auto"
-    limit: Optional[int] = None  # first N rows after validation
+    start: int = 0  # skip the first N valid rows (e.g. to hold out the rest of a file)
+    limit: Optional[int] = None  # then keep at most N valid rows
     num_rows: Optional[int] = None  # for built-in tasks: how many pairs to generate
 
 

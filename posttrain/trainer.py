@@ -109,6 +109,9 @@ class Trainer:
                                                   skipped)
             if r.eval.max_pairs is not None:
                 self.heldout_pairs = self.heldout_pairs[:r.eval.max_pairs]
+        self.train_pairs = self.loss.prepare_pairs(self.train_pairs, self.tokenizer)
+        if self.heldout_pairs:
+            self.heldout_pairs = self.loss.prepare_pairs(self.heldout_pairs, self.tokenizer)
         t = r.train
         self.plan = StepPlan(len(self.train_pairs), t.batch_size, t.epochs, r.run.seed, t.shuffle, t.max_steps)
         self.n_micro = micro_batches_per_step(t.batch_size, self.world, t.micro_batch_size)
@@ -207,12 +210,15 @@ class Trainer:
                     ref = (self._cached_reference(rows, batch, logps) if self.ref_cache is not None
                            else self._reference_logps(batch).to(logps.dtype))
                 mask = batch["loss_mask"][:, 1:].to(logps.dtype)
+                token_weights = batch["token_weights"][:, 1:].to(logps.dtype) if "token_weights" in batch else None
                 b = len(rows)
                 inputs = PairLossInputs(
                     chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_mask=mask[:b], rejected_mask=mask[b:],
                     normaliser=normaliser, pair_weight=batch["pair_weight"].to(logps.dtype),
                     ref_chosen_logps=None if ref is None else ref[:b],
                     ref_rejected_logps=None if ref is None else ref[b:],
+                    chosen_token_weights=None if token_weights is None else token_weights[:b],
+                    rejected_token_weights=None if token_weights is None else token_weights[b:],
                 )
                 out = self.loss(inputs)
                 acc.backward(out.loss * scale)

@@ -21,12 +21,13 @@ def load_pairs(source, data_cfg, tokenizer, seed: int = 0, what: str = "data.tra
     else:
         rows, invalid = load_preference_rows(source.path, source.format, source.split)
     handle_invalid(invalid, data_cfg.invalid_rows, what)
+    rows = rows[source.start:]
+    if source.limit is not None:
+        rows = rows[:source.limit]
     pairs, untrainable, stats = tokenize_pairs(rows, tokenizer, data_cfg.template, data_cfg.max_length,
                                                data_cfg.max_prompt_length, data_cfg.truncation)
     handle_invalid(untrainable, data_cfg.invalid_rows, what)
     invalid = invalid + untrainable
-    if source.limit is not None:
-        pairs = pairs[:source.limit]
     if skipped_log is not None and invalid:  # written before any error below, so the skipped rows are listed
         skipped_log = Path(skipped_log)
         skipped_log.parent.mkdir(parents=True, exist_ok=True)

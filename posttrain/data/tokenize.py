@@ -33,6 +33,10 @@ class TokenizedPair:
     row: int = 0
     extras: dict = field(default_factory=dict)
     truncated: bool = False
+    chosen_text: str = ""  # the rendered responses the completion tokens came from
+    rejected_text: str = ""
+    chosen_weights: Optional[list[float]] = None  # per completion token (token-weighted losses, e.g. TAB-PO)
+    rejected_weights: Optional[list[float]] = None
 
 
 @dataclass
@@ -122,10 +126,9 @@ def tokenize_pairs(rows: list[PreferenceRow], tokenizer, template: str = "chat",
     pairs, invalid = [], []
     for row in rows:
         prompt_text = render_prompt(tokenizer, row.prompt, template)
-        prompt_ids, chosen = tokenize_prompt_completion(tokenizer, prompt_text, render_response(row.chosen, template),
-                                                        add_special, stats)
-        _, rejected = tokenize_prompt_completion(tokenizer, prompt_text, render_response(row.rejected, template),
-                                                 add_special, stats)
+        chosen_text, rejected_text = render_response(row.chosen, template), render_response(row.rejected, template)
+        prompt_ids, chosen = tokenize_prompt_completion(tokenizer, prompt_text, chosen_text, add_special, stats)
+        _, rejected = tokenize_prompt_completion(tokenizer, prompt_text, rejected_text, add_special, stats)
         chosen, rejected = chosen + [eos], rejected + [eos]
         p1, c, prompt_cut, over1 = _truncate(prompt_ids, chosen, max_length, max_prompt_length)
         _, r, _, over2 = _truncate(prompt_ids, rejected, max_length, max_prompt_length)
@@ -141,5 +144,5 @@ def tokenize_pairs(rows: list[PreferenceRow], tokenizer, template: str = "chat",
             continue
         stats.rows += 1
         stats.truncated += int(truncated)
-        pairs.append(TokenizedPair(p1, c, r, row.source, row.row, row.extras, truncated))
+        pairs.append(TokenizedPair(p1, c, r, row.source, row.row, row.extras, truncated, chosen_text, rejected_text))
     return pairs, invalid, stats

@@ -69,6 +69,11 @@ class LossPlugin:
         if callable(check):
             check()
 
+    def prepare_pairs(self, pairs: list, tokenizer) -> list:
+        """Called once on the tokenised training and held-out pairs, before training. A loss that needs
+        per-token weights (TAB-PO) sets `pair.chosen_weights` / `pair.rejected_weights` here."""
+        return pairs
+
     def __call__(self, inputs: PairLossInputs) -> LossOutput:
         raise NotImplementedError  # abstractmethod: every plug-in defines it
 

@@ -91,6 +91,11 @@ class CombinedLoss(LossPlugin):
             raise RecipeError(f"losses combined in one recipe must train on the same data kind, got {sorted(kinds)}.")
         self.data_kind = kinds.pop()
 
+    def prepare_pairs(self, pairs: list, tokenizer) -> list:
+        for _, plugin in self.terms:
+            pairs = plugin.prepare_pairs(pairs, tokenizer)
+        return pairs
+
     def __call__(self, inputs: PairLossInputs) -> LossOutput:
         total = None
         metrics: dict[str, torch.Tensor] = {}

@@ -1,15 +1,19 @@
-"""SFT: negative log-likelihood of the chosen (demonstration) response, token-level.
+"""SFT: negative log-likelihood of the chosen (demonstration) response.
 
-    L = sum over chosen completion tokens of -lp_t  /  (chosen tokens in the whole optimiser step)
+    token_mean_batch (default): sum over chosen tokens of -lp_t / (chosen tokens in the optimiser step)
+    mean_per_seq:               sum over pairs of mean_t(-lp_t) / (pairs in the optimiser step)
+    sum_per_seq:                sum over pairs of sum_t(-lp_t)  / (pairs in the optimiser step)
 
-Unified core (spec section 10, SFT row): pi_ref = pi_theta, A = 1, no mask, so the gradient is
-grad log pi on every demonstration token. The normaliser is global, so the loss does not depend on
-how the step is split into micro-batches or processes (TRL's token mean is per micro-batch).
+Unified core (spec section 10, SFT row): pi_ref = pi_theta, no mask, A = the reduction's per-token
+weight (1 for the token mean), so the gradient is A * grad log pi on every demonstration token. The
+normalisers are global, so the loss does not depend on how the step is split into micro-batches or
+processes (TRL's token mean is per micro-batch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -25,13 +29,24 @@ class SFTLoss(LossPlugin):
 
     @dataclass
     class Params:
-        pass
+        reduction: Literal["token_mean_batch", "mean_per_seq", "sum_per_seq"] = "token_mean_batch"
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.level = "token" if self.params.reduction == "token_mean_batch" else "sequence"
 
     def __call__(self, inputs: PairLossInputs) -> LossOutput:
         mask = inputs.chosen_mask * inputs.pair_weight[:, None]
-        n_tokens = inputs.normaliser.chosen_tokens
-        value = -(inputs.chosen_logps * mask).sum() / n_tokens
-        surrogate = policy_gradient_surrogate(inputs.chosen_logps, inputs.chosen_logps,
-                                              torch.ones_like(inputs.chosen_logps), mask, n_tokens)
-        nll = -(inputs.chosen_logps * inputs.chosen_mask).sum(-1) / inputs.chosen_mask.sum(-1).clamp(min=1)
+        lengths = inputs.chosen_mask.sum(-1).clamp(min=1)
+        reduction = self.params.reduction
+        if reduction == "token_mean_batch":
+            normaliser, token_weight = inputs.normaliser.chosen_tokens, torch.ones_like(lengths)
+        elif reduction == "mean_per_seq":
+            normaliser, token_weight = inputs.normaliser.sequences, 1.0 / lengths
+        else:
+            normaliser, token_weight = inputs.normaliser.sequences, torch.ones_like(lengths)
+        advantages = token_weight[:, None].expand_as(mask)
+        value = -(inputs.chosen_logps * mask * advantages).sum() / normaliser
+        surrogate = policy_gradient_surrogate(inputs.chosen_logps, inputs.chosen_logps, advantages, mask, normaliser)
+        nll = -(inputs.chosen_logps * inputs.chosen_mask).sum(-1) / lengths
         return LossOutput(with_value(value, surrogate), {"nll/chosen": nll.detach()})

@@ -1,0 +1,67 @@
+"""rDPO, provably robust DPO (Chowdhury, Kini, Natarajan 2024); spec section 4.
+
+For preference labels flipped at a known rate eps (0 <= eps < 0.5), with l(h) = -logsigmoid(beta h)
+and h the DPO log-ratio difference (summed log-probs):
+
+    L = [ (1-eps) l(h) - eps l(-h) ] / (1 - 2 eps)
+
+an unbiased estimate of the clean loss. It is unbounded below (negative values are expected; do
+not clamp). Gradient through the unified core with A = -dL/dh on chosen tokens and +dL/dh on
+rejected, dL/dh = -beta [(1-eps) sigma(-beta h) + eps sigma(beta h)] / (1-2 eps).
+TRL calls this loss_type="robust" with label_smoothing = eps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.core.unified import policy_gradient_surrogate, with_value
+from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, reference_sums, sequence_sums
+from posttrain.losses.registry import register_loss
+
+
+@register_loss("rdpo")
+class RobustDPOLoss(LossPlugin):
+    level = "sequence"
+
+    @dataclass
+    class Params:
+        beta: float = 0.1
+        eps: float = 0.1  # the label flip rate; TRL's docs recommend 0.1
+
+        def validate(self):
+            if self.beta <= 0:
+                raise ValueError(f"beta must be positive, got {self.beta}")
+            if not 0 <= self.eps < 0.5:
+                raise ValueError(f"eps is the label flip rate and must satisfy 0 <= eps < 0.5 (at 0.5 the labels carry "
+                                 f"no information and the loss divides by 1 - 2 eps = 0); got {self.eps}")
+
+    def __call__(self, inputs: PairLossInputs) -> LossOutput:
+        beta, eps = self.params.beta, self.params.eps
+        s_w = sequence_sums(inputs.chosen_logps, inputs.chosen_mask)
+        s_l = sequence_sums(inputs.rejected_logps, inputs.rejected_mask)
+        r_w, r_l = (x.detach() for x in reference_sums(inputs))
+        h = (s_w - s_l) - (r_w - r_l)
+        per_pair = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+        dloss_dh = -beta * ((1 - eps) * torch.sigmoid(-beta * h) + eps * torch.sigmoid(beta * h)) / (1 - 2 * eps)
+        weight = inputs.pair_weight
+        n = inputs.normaliser.sequences
+        surrogate = (
+            policy_gradient_surrogate(inputs.chosen_logps, inputs.chosen_logps, (-dloss_dh * weight)[:, None],
+                                      inputs.chosen_mask, n)
+            + policy_gradient_surrogate(inputs.rejected_logps, inputs.rejected_logps, (dloss_dh * weight)[:, None],
+                                        inputs.rejected_mask, n)
+        )
+        reward_w, reward_l = beta * (s_w - r_w).detach(), beta * (s_l - r_l).detach()
+        metrics = {
+            "rewards/chosen": reward_w,
+            "rewards/rejected": reward_l,
+            "rewards/margins": reward_w - reward_l,
+            "rewards/accuracies": (reward_w > reward_l).to(reward_w.dtype),
+            "logps/chosen": s_w.detach(),
+            "logps/rejected": s_l.detach(),
+        }
+        return LossOutput(with_value((weight * per_pair).sum() / n, surrogate), metrics)
