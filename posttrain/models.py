@@ -202,7 +202,10 @@ def load_policy_and_reference(recipe, needs_reference: bool):
     policy = load_causal_lm(mcfg.name_or_path, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
     policy.config.use_cache = False
     if mcfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.enabled:
         policy = apply_lora(policy, recipe.lora)
         if mcfg.dtype == "float64":  # peft creates adapters in float32; keep float64 runs float64 throughout
