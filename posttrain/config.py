@@ -106,6 +106,7 @@ class TrainConfig:
     max_grad_norm: Optional[float] = 1.0
     bf16: bool = False  # autocast to bfloat16 for the forward passes
     shuffle: bool = True
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient norm stops the run or skips the step
 
 
 @dataclass

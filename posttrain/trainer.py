@@ -186,66 +186,79 @@ class Trainer:
         return Normaliser(sequences=float(len(pairs)), tokens=float(chosen + sum(len(p.rejected_ids) for p in pairs)),
                           chosen_tokens=float(chosen))
 
+    def _loss_inputs(self, rows: list[Optional[int]], batch: dict, normaliser: Normaliser) -> PairLossInputs:
+        """Policy (and, when the loss asks, reference) log-probs of one micro-batch, as typed loss inputs."""
+        with self._autocast():
+            logps = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        ref = None
+        if self.loss.needs_reference:
+            ref = (self._cached_reference(rows, batch, logps) if self.ref_cache is not None
+                   else self._reference_logps(batch).to(logps.dtype))
+        mask = batch["loss_mask"][:, 1:].to(logps.dtype)
+        weights = batch["token_weights"][:, 1:].to(logps.dtype) if "token_weights" in batch else None
+        b = len(rows)
+
+        def halves(x):
+            return (None, None) if x is None else (x[:b], x[b:])
+
+        (ref_w, ref_l), (tw_w, tw_l) = halves(ref), halves(weights)
+        return PairLossInputs(chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_mask=mask[:b],
+                              rejected_mask=mask[b:], normaliser=normaliser,
+                              pair_weight=batch["pair_weight"].to(logps.dtype), ref_chosen_logps=ref_w,
+                              ref_rejected_logps=ref_l, chosen_token_weights=tw_w, rejected_token_weights=tw_l)
+
     def train_step(self, step: int) -> dict:
+        """One optimiser step: forward/backward over this process's micro-batches, then one update.
+        Returns the step's metrics, reduced over all processes."""
         acc = self.accelerator
         indices = self.plan.indices(step)
         normaliser = self._normaliser(indices)
-        micro_batches = shard_for_rank(indices, self.rank, self.world, self.recipe.train.micro_batch_size)
         scale = self.world * self.n_micro
-        loss_total = torch.zeros((), dtype=torch.float64)
-        metric_sums: dict[str, torch.Tensor] = {}
-        weight_total = torch.zeros((), dtype=torch.float64)
-        tokens = 0
-        for rows in micro_batches:
+        loss_sum, weight_sum, tokens = 0.0, 0.0, 0
+        metric_sums: dict[str, float] = {}  # per-pair metrics, weighted by pair_weight
+        part_sums: dict[str, float] = {}  # globally normalised loss components
+        for rows in shard_for_rank(indices, self.rank, self.world, self.recipe.train.micro_batch_size):
             pairs = [self.train_pairs[i if i is not None else 0] for i in rows]
-            weights = [0.0 if i is None else 1.0 for i in rows]
-            batch = collate_pairs(pairs, self.pad_id, weights)
+            batch = collate_pairs(pairs, self.pad_id, [0.0 if i is None else 1.0 for i in rows])
             tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                           for p, i in zip(pairs, rows) if i is not None)
             with acc.accumulate(self.model):
-                with self._autocast():
-                    logps = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-                ref = None
-                if self.loss.needs_reference:
-                    ref = (self._cached_reference(rows, batch, logps) if self.ref_cache is not None
-                           else self._reference_logps(batch).to(logps.dtype))
-                mask = batch["loss_mask"][:, 1:].to(logps.dtype)
-                token_weights = batch["token_weights"][:, 1:].to(logps.dtype) if "token_weights" in batch else None
-                b = len(rows)
-                inputs = PairLossInputs(
-                    chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_mask=mask[:b], rejected_mask=mask[b:],
-                    normaliser=normaliser, pair_weight=batch["pair_weight"].to(logps.dtype),
-                    ref_chosen_logps=None if ref is None else ref[:b],
-                    ref_rejected_logps=None if ref is None else ref[b:],
-                    chosen_token_weights=None if token_weights is None else token_weights[:b],
-                    rejected_token_weights=None if token_weights is None else token_weights[b:],
-                )
+                inputs = self._loss_inputs(rows, batch, normaliser)
                 out = self.loss(inputs)
                 acc.backward(out.loss * scale)
-            loss_total += out.loss.detach().double()
-            w = inputs.pair_weight.double()
-            weight_total += w.sum()
+            weight = inputs.pair_weight.double()
+            loss_sum += out.loss.item()
+            weight_sum += weight.sum().item()
             for name, value in out.metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + (value.double() * w).sum()
+                metric_sums[name] = metric_sums.get(name, 0.0) + (value.double() * weight).sum().item()
             for name, value in out.parts.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + value.detach().double()
+                part_sums[name] = part_sums.get(name, 0.0) + value.item()
+        names, parts = sorted(metric_sums), sorted(part_sums)
+        local = torch.tensor([loss_sum, weight_sum, float(tokens)] + [metric_sums[n] for n in names]
+                             + [part_sums[n] for n in parts], dtype=torch.float64)
+        total = acc.reduce(local.to(acc.device), reduction="sum").cpu() if self.world > 1 else local
         grad_norm = self._clip_gradients()
-        learning_rate = self.scheduler.get_last_lr()[0]
+        record = {"loss": total[0].item(), "grad_norm": grad_norm, "learning_rate": self.scheduler.get_last_lr()[0],
+                  "num_tokens": total[2].item()}
+        for k, name in enumerate(names):
+            record[name] = total[3 + k].item() / max(total[1].item(), 1e-12)
+        for k, name in enumerate(parts):
+            record[name] = total[3 + len(names) + k].item()
+        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+            # Every process sees the same reduced loss and global norm, so all decide alike.
+            where = ", ".join(f"{self.train_pairs[i].source} row {self.train_pairs[i].row}" for i in indices[:4])
+            message = (f"step {step + 1}: the loss is {record['loss']} and the gradient norm {grad_norm} (batch of "
+                       f"{len(indices)} pairs: {where}{', ...' if len(indices) > 4 else ''}).")
+            if self.recipe.train.on_nonfinite == "stop":
+                raise PosttrainError(message + " Stopping: lower train.lr, check those rows, or set "
+                                               "train.on_nonfinite: skip to skip such steps.")
+            self.log.warning("%s Skipping the update (train.on_nonfinite: skip).", message)
+            self.optimizer.zero_grad(set_to_none=True)
+            record["skipped"] = 1.0
+            return record
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        names = sorted(metric_sums)
-        local = torch.stack([loss_total, weight_total, torch.tensor(float(tokens), dtype=torch.float64)]
-                            + [torch.as_tensor(metric_sums[n], dtype=torch.float64) for n in names])
-        total = acc.reduce(local.to(acc.device), reduction="sum").cpu() if self.world > 1 else local
-        parts = {n for n in names if n.startswith("loss/")}
-        record = {"loss": total[0].item()}
-        for k, name in enumerate(names):
-            value = total[3 + k].item()
-            record[name] = value if name in parts else value / max(total[1].item(), 1e-12)
-        record["grad_norm"] = grad_norm
-        record["learning_rate"] = learning_rate
-        record["num_tokens"] = total[2].item()
         return record
 
     def _clip_gradients(self) -> float:
@@ -340,9 +353,6 @@ class Trainer:
             record["tokens_per_second"] = record.pop("num_tokens") / max(elapsed, 1e-9)
             record["epoch"] = (step + 1) / self.plan.steps_per_epoch
             record["step_time"] = elapsed
-            if not math.isfinite(record["loss"]):
-                raise PosttrainError(f"step {step + 1}: the loss is {record['loss']}; stopping. Lower the learning "
-                                     f"rate or check the batch's pairs ({self.plan.indices(step)[:8]}...).")
             done = step + 1
             if done % r.logging.every == 0 or done == self.plan.total_steps:
                 self.metrics.write(done, record)

@@ -98,6 +98,14 @@ def test_dpo_trains_the_tiny_task_and_records_the_run(tiny_model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(run / "final")
     out = model.generate(**tok("1 2 3 4", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 4
+    # `posttrain eval` on the final adapter scores the same held-out pairs the same way.
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "posttrain", "eval", "--model", str(tiny_model_dir), "--adapter",
+                             str(run / "final"), "--builtin", "tiny", "--format", "plain", "--max-pairs", "64"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    reported = float(result.stdout.split("ranking accuracy R:")[1].split()[0])
+    assert reported == pytest.approx(after, abs=1e-4)
 
 
 def _train_cli(recipe_path: Path, *extra: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -157,3 +165,38 @@ def test_resume_refuses_a_changed_recipe(tiny_model_dir, tmp_path):
     assert "train.lr" in changed.stderr and "--force" in changed.stderr and "Traceback" not in changed.stderr
     again = _train_cli(path)
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nan_loss_stops_or_skips_the_step(tiny_model_dir, tmp_path, policy):
+    from posttrain.errors import PosttrainError
+    from posttrain.losses import LossOutput
+
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", data={"heldout": None},
+                      train={"batch_size": 8, "micro_batch_size": 4, "on_nonfinite": policy},
+                      logging={"progress_bar": False, "tensorboard": False})
+    trainer = Trainer(recipe_from(raw))
+    trainer._setup()
+    real_loss = trainer.loss
+
+    class PoisonedLoss:
+        needs_reference = real_loss.needs_reference
+
+        def __call__(self, inputs):
+            out = real_loss(inputs)
+            return LossOutput(out.loss * float("nan"), out.metrics, out.parts)
+
+    trainer.loss = PoisonedLoss()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    if policy == "stop":
+        with pytest.raises(PosttrainError, match=r"step 1: the loss is nan.*builtin:tiny/train row"):
+            trainer.train_step(0)
+    else:
+        assert trainer.train_step(0)["skipped"] == 1.0
+    for n, p in trainer.model.named_parameters():
+        if n in before:
+            assert torch.equal(p, before[n]), n  # no update was applied
+    if policy == "skip":
+        trainer.loss = real_loss
+        assert "skipped" not in trainer.train_step(1)
+        assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)

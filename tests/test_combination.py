@@ -1,0 +1,42 @@
+"""Several losses in one recipe: a weighted sum, each term with its own normaliser and logged part."""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.config import LossTerm
+from posttrain.core import Normaliser
+from posttrain.losses import CombinedLoss, PairLossInputs, build_loss
+
+
+def _inputs():
+    d = torch.float64
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = -torch.rand(3, 5, dtype=d, generator=g), -torch.rand(3, 5, dtype=d, generator=g)
+    mask_c = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=d)
+    mask_r = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=d)
+    chosen, rejected = (chosen * mask_c).requires_grad_(), (rejected * mask_r).requires_grad_()
+    ref_c, ref_r = -torch.rand(3, 5, dtype=d, generator=g) * mask_c, -torch.rand(3, 5, dtype=d, generator=g) * mask_r
+    normaliser = Normaliser(3, float(mask_c.sum() + mask_r.sum()), float(mask_c.sum()))
+    return PairLossInputs(chosen, rejected, mask_c, mask_r, normaliser, torch.ones(3, dtype=d), ref_c, ref_r)
+
+
+def test_weighted_sum_of_terms_with_parts_logged():
+    combined = build_loss([LossTerm("dpo", 1.0, {"beta": 0.2}), LossTerm("sft", 0.5)])
+    assert isinstance(combined, CombinedLoss) and combined.needs_reference
+    inputs = _inputs()
+    out = combined(inputs)
+    dpo = build_loss([LossTerm("dpo", 1.0, {"beta": 0.2})])(inputs).loss
+    sft = build_loss([LossTerm("sft")])(inputs).loss
+    assert abs(out.loss.item() - (dpo.item() + 0.5 * sft.item())) < 1e-12
+    assert abs(out.parts["loss/sft"].item() - sft.item()) < 1e-12
+    assert "rewards/margins" in out.metrics and "nll/chosen" in out.metrics
+    (grad_combined,) = torch.autograd.grad(out.loss, inputs.chosen_logps)
+    (grad_dpo,) = torch.autograd.grad(dpo, inputs.chosen_logps)
+    (grad_sft,) = torch.autograd.grad(sft, inputs.chosen_logps)
+    torch.testing.assert_close(grad_combined, grad_dpo + 0.5 * grad_sft, rtol=1e-12, atol=1e-15)
+
+
+def test_reference_free_terms_alone_need_no_reference():
+    assert not build_loss([LossTerm("sft"), LossTerm("simpo", 0.5)]).needs_reference
+    assert not build_loss([LossTerm("dpo", params={"reference_free": True})]).needs_reference
