@@ -30,15 +30,42 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    ev = sub.add_parser("eval", help="ranking accuracy of a model or adapter on preference pairs")
+    ev = sub.add_parser("eval", help="ranking accuracy (R, R~, R*, alignment gap, difficulty) on preference pairs",
+                        description="Ranking accuracy of a model, adapter or checkpoint on preference pairs, with the "
+                                    "idealised accuracy R*, the alignment gap and per-pair difficulty (Chen et al. "
+                                    "2024; docs/evaluation.md).")
     ev.add_argument("--model", default="smollm2-135m-instruct", help="model id, directory or alias")
-    ev.add_argument("--adapter", default=None, help="a peft adapter directory (e.g. a run's final/)")
-    ev.add_argument("--data", default=None, help="preference data file or datasets directory")
+    ev.add_argument("--adapter", default=None,
+                    help="a peft adapter directory, a run directory (its final/), or a checkpoint checkpoints/step-N")
+    ev.add_argument("--reference", default=None,
+                    help="reference model for R* and the difficulty (default: the base model with the adapter off, "
+                         "or the scored model itself when there is no adapter)")
+    ev.add_argument("--data", default=None, help="preference data file or datasets directory (also PandaLM's "
+                                                 "testset JSON, whose annotator votes give alpha)")
     ev.add_argument("--builtin", default=None, help="a built-in task instead of --data (split heldout)")
-    ev.add_argument("--format", dest="template", choices=["plain", "chat"], default="plain")
-    ev.add_argument("--max-pairs", type=int, default=None)
+    ev.add_argument("--split", default=None, help="split of a datasets directory or built-in task")
+    ev.add_argument("--format", dest="template", choices=["plain", "chat"], default="plain",
+                    help="plain: prompt + response as text, as Chen et al. scored (default); chat: the chat template")
+    ev.add_argument("--start", type=int, default=0, help="skip the first N valid pairs")
+    ev.add_argument("--max-pairs", type=int, default=None, help="keep at most N pairs (after --start)")
+    ev.add_argument("--sample", type=int, default=None, help="score a random sample of N pairs (seeded by --seed)")
     ev.add_argument("--max-length", type=int, default=512)
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
+    ev.add_argument("--layout", choices=["auto", "shared", "separate"], default="auto",
+                    help="shared: one row per pair, the prompt computed once; separate: one row per sequence")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
+    ev.add_argument("--betas", default="0.01,0.1,1,5,10", help="betas for R* (comma-separated)")
+    ev.add_argument("--beta", type=float, default=0.1, help="DPO beta of the difficulty thresholds and the DPO loss")
+    ev.add_argument("--alpha", type=float, default=1.0,
+                    help="preference probability of pairs without votes or an alpha field (default 1)")
+    ev.add_argument("--alpha-eps", type=float, default=1e-3, help="loser fraction used where alpha = 1")
+    ev.add_argument("--tie-threshold", type=float, default=0.01, help="tie test for pairs with alpha = 0.5")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output", default=None,
+                    help="directory for report.json, pairs.jsonl, summary.md and the plots")
+    ev.add_argument("--threads", type=int, default=None, help="torch threads")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("losses", help="list the registered losses and their parameters")
     return parser
@@ -62,32 +89,9 @@ def _validate(args) -> int:
 
 
 def _eval(args) -> int:
-    import torch
+    from posttrain.eval.api import run_eval
 
-    from posttrain.config import DataConfig, DataSource
-    from posttrain.core import PolicyLogProbs
-    from posttrain.data.sources import load_pairs
-    from posttrain.eval.ranking import score_pairs
-    from posttrain.models import load_causal_lm, load_tokenizer
-
-    if (args.data is None) == (args.builtin is None):
-        raise PosttrainError("posttrain eval: give exactly one of --data PATH or --builtin TASK.")
-    tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model)
-    if args.adapter:
-        import peft
-
-        model = peft.PeftModel.from_pretrained(model, args.adapter)
-    source = DataSource(path=args.data, builtin=args.builtin, split="heldout" if args.builtin else "train",
-                        limit=args.max_pairs)
-    data_cfg = DataConfig(train=source, template=args.template, max_length=args.max_length, invalid_rows="skip")
-    pairs, _, _ = load_pairs(source, data_cfg, tokenizer, what="eval data")
-    with torch.no_grad():
-        scores = score_pairs(PolicyLogProbs(model), pairs, tokenizer.pad_token_id, args.batch_size, progress=True)
-    print(f"pairs: {len(scores)}  format: {args.template}")
-    print(f"ranking accuracy R: {scores.ranking_accuracy():.4f}")
-    print(f"length-normalised ranking accuracy R~: {scores.normalised_ranking_accuracy():.4f}")
-    return 0
+    return run_eval(args)
 
 
 def _losses(_args) -> int:

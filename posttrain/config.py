@@ -123,6 +123,31 @@ class EvalConfig:
     batch_size: int = 16
     at_start: bool = True
     at_end: bool = True
+    # --- ranking-accuracy evaluation (docs/evaluation.md; spec sections 11 and 12) ---
+    betas: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 5.0, 10.0])  # for R*, R~*
+    alpha: float = 1.0  # preference probability of held-out pairs without votes / an `alpha` field
+    alpha_eps: float = 0.001  # loser fraction used where alpha = 1
+    tie_threshold: float = 0.01  # tie test of pairs with alpha = 0.5
+    bootstrap: int = 1000  # resamples for the 95% intervals
+    layout: Literal["auto", "shared", "separate"] = "auto"  # scoring rows: prompt shared per pair, or per sequence
+    report: bool = True  # write <output_dir>/eval/: report.json, pairs.jsonl, summary.md, plots
+    entanglement_every: Optional[int] = None  # gradient-entanglement diagnostic; null: as eval.every; 0: off
+    entanglement_pairs: int = 8  # size k of its fixed diagnostic batch
+
+    def __post_init__(self):
+        problems = [
+            (bool(self.betas) and all(b > 0 for b in self.betas), f"eval.betas must be positive, got {self.betas}."),
+            (0 < self.alpha <= 1, f"eval.alpha must be in (0, 1], got {self.alpha}."),
+            (0 < self.alpha_eps < 0.5, f"eval.alpha_eps must be in (0, 0.5), got {self.alpha_eps}."),
+            (self.tie_threshold >= 0, f"eval.tie_threshold must be >= 0, got {self.tie_threshold}."),
+            (self.bootstrap >= 0, f"eval.bootstrap must be >= 0, got {self.bootstrap}."),
+            (self.entanglement_every is None or self.entanglement_every >= 0,
+             f"eval.entanglement_every must be >= 0 or null, got {self.entanglement_every}."),
+            (self.entanglement_pairs >= 1, f"eval.entanglement_pairs must be at least 1, got {self.entanglement_pairs}."),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise RecipeError(message)
 
 
 @dataclass

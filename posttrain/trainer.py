@@ -269,13 +269,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Optional[dict]:
-        """Held-out ranking accuracy, each process scoring an equal shard."""
-        if not self.heldout_pairs:
-            return None
-        scores = self.score(self.heldout_pairs)
-        return {"ranking_accuracy": scores.ranking_accuracy(),
-                "ranking_accuracy_normalised": scores.normalised_ranking_accuracy(),
-                "logps/chosen": scores.chosen_logps.mean().item(), "logps/rejected": scores.rejected_logps.mean().item()}
+        """Held-out ranking accuracy and the rest of spec section 11 (R~, R*, alignment gap, difficulty,
+        implicit-reward accuracy, length split), each process scoring an equal shard; the latest report
+        goes to <output_dir>/eval/ (posttrain.eval.training)."""
+        from posttrain.eval.training import heldout_evaluation
+
+        return heldout_evaluation(self)
 
     def score(self, pairs: list[TokenizedPair]) -> PairScores:
         acc = self.accelerator
@@ -360,6 +359,12 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', float('nan')):.2f}")
             if r.eval.every and done % r.eval.every == 0 and done != self.plan.total_steps and self.heldout_pairs:
                 self.metrics.write(done, self.evaluate(), prefix="eval")
+            # --- evaluation issue: gradient-entanglement diagnostic (spec section 12), logged as entanglement/...
+            from posttrain.eval.entanglement import entanglement_due, log_entanglement
+
+            if entanglement_due(r.eval, done):
+                log_entanglement(self, done)
+            # --- end
             if r.checkpoint.every and done % r.checkpoint.every == 0 and done != self.plan.total_steps:
                 self.save(done, history)
         bar.close()

@@ -261,7 +261,7 @@ def test_value_weights_for_the_authors_schema_truncated_json_and_switch_off(toke
     weights = completion_weights(tokenizer, ids, text, TokenWeightConfig())
     offsets = token_offsets(tokenizer, text, ids)
     chars = [1.0] * len(text)
-    for value, w, nth in (("C01", 1.1, 0), ("C01.2", 1.2, 0), ("fever", 1.1, 0)):
+    for value, w in (("C01", 1.1), ("C01.2", 1.2), ("fever", 1.1)):
         start = text.index(f'"{value}"') + 1
         chars[start:start + len(value)] = [w] * len(value)
     for (start, end), w in zip(offsets, weights):

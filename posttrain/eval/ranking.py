@@ -4,18 +4,60 @@
     R~ compares mean token log-probs instead (length-normalised, App. C Eq. 15).
 
 `score_pairs` computes the summed log-probs and lengths of both responses of every pair, batched,
-without gradient, with pairs sorted by length so that batches carry little padding.
+without gradient, and with little padding. Two row layouts:
+
+- `shared` (the default where the model allows it): one row per pair,
+  `prompt + chosen + [last prompt token again] + rejected`, with a 4-D attention mask and position
+  ids that make the rejected branch see the prompt but not the chosen response. The prompt, which in
+  multi-turn data such as HH-RLHF is the longer part, is computed once per pair instead of twice; the
+  repeated last prompt token (at the prompt's last position, attending to the prompt like the
+  original) is what predicts the first rejected token, so the usual shift-by-one convention holds.
+- `separate`: one row per sequence (`prompt + response`), with the usual 2-D padding mask.
+
+Rows are sorted by length before they are cut into batches of `batch_size` rows, so a batch's rows
+have almost the same length; the share of padded positions is reported in `ScoringStats`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.data.collate import collate_pairs
 from posttrain.data.tokenize import TokenizedPair
+from posttrain.eval.metrics import TIE_THRESHOLD, normalised_ranking_correct, ranking_correct
+
+LAYOUTS = ("auto", "shared", "separate")
+
+
+@dataclass
+class ScoringStats:
+    """How a scoring pass went: layout, work done, time taken and the padding it carried."""
+
+    layout: str
+    pairs: int
+    rows: int
+    forward_passes: int
+    seconds: float
+    real_tokens: int  # token positions holding a real token
+    total_positions: int  # rows x padded length, summed over batches
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def padding_share(self) -> float:
+        return 1.0 - self.real_tokens / self.total_positions if self.total_positions else 0.0
+
+    def to_dict(self) -> dict:
+        return {"layout": self.layout, "pairs": self.pairs, "rows": self.rows, "forward_passes": self.forward_passes,
+                "seconds": self.seconds, "pairs_per_second": self.pairs_per_second,
+                "real_tokens": self.real_tokens, "total_positions": self.total_positions,
+                "padding_share": self.padding_share}
 
 
 @dataclass
@@ -26,40 +68,217 @@ class PairScores:
     rejected_logps: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
+    stats: Optional[ScoringStats] = field(default=None, compare=False)
 
-    def ranking_accuracy(self) -> float:
-        return (self.chosen_logps >= self.rejected_logps).double().mean().item()
+    @property
+    def chosen_means(self) -> torch.Tensor:
+        return self.chosen_logps / self.chosen_lengths
 
-    def normalised_ranking_accuracy(self) -> float:
-        return (self.chosen_logps / self.chosen_lengths >= self.rejected_logps / self.rejected_lengths
-                ).double().mean().item()
+    @property
+    def rejected_means(self) -> torch.Tensor:
+        return self.rejected_logps / self.rejected_lengths
+
+    def ranking_correct(self, alpha=None, tie_threshold: float = TIE_THRESHOLD) -> torch.Tensor:
+        """Per pair 1/0. Pairs with alpha = 0.5 are ties: correct iff |S_w - S_l| < tie_threshold."""
+        return torch.as_tensor(ranking_correct(self.chosen_logps.numpy(), self.rejected_logps.numpy(),
+                                               alpha, tie_threshold))
+
+    def normalised_ranking_correct(self, alpha=None, tie_threshold: float = TIE_THRESHOLD) -> torch.Tensor:
+        """Per pair 1/0 on mean token log-probs; ties compare geometric-mean probabilities exp(A)."""
+        return torch.as_tensor(normalised_ranking_correct(self.chosen_means.numpy(), self.rejected_means.numpy(),
+                                                          alpha, tie_threshold))
+
+    def ranking_accuracy(self, alpha=None, tie_threshold: float = TIE_THRESHOLD) -> float:
+        return self.ranking_correct(alpha, tie_threshold).double().mean().item()
+
+    def normalised_ranking_accuracy(self, alpha=None, tie_threshold: float = TIE_THRESHOLD) -> float:
+        return self.normalised_ranking_correct(alpha, tie_threshold).double().mean().item()
+
+    def subset(self, index) -> "PairScores":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return PairScores(self.chosen_logps[index], self.rejected_logps[index], self.chosen_lengths[index],
+                          self.rejected_lengths[index], self.stats)
 
     def __len__(self) -> int:
         return len(self.chosen_logps)
 
 
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+def _hf_config(logprob_model):
+    """The transformers config under DDP / DeepSpeed / PolicyLogProbs / peft wrappers, or None."""
+    node = logprob_model
+    for _ in range(6):
+        if hasattr(node, "config") and hasattr(node.config, "model_type"):
+            return node.config
+        get_base = getattr(node, "get_base_model", None)
+        if callable(get_base):
+            node = get_base()
+        elif hasattr(node, "module"):
+            node = node.module
+        elif hasattr(node, "model"):
+            node = node.model
+        else:
+            return None
+    return None
+
+
+def choose_layout(logprob_model, pairs: list[TokenizedPair], layout: str = "auto") -> str:
+    """`shared` where a custom 4-D mask is honoured exactly (sdpa or eager attention, no sliding window
+    shorter than the longest sequence, every prompt non-empty); otherwise `separate`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "auto":
+        if layout == "shared" and any(not p.prompt_ids for p in pairs):
+            raise ValueError("the shared layout needs a non-empty prompt in every pair")
+        return layout
+    config = _hf_config(logprob_model)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return "separate"
+    if any(not p.prompt_ids for p in pairs):
+        return "separate"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=0)
+        if longest > window:
+            return "separate"
+    return "shared"
+
+
+def _attention_kind(logprob_model) -> str:
+    config = _hf_config(logprob_model)
+    return getattr(config, "_attn_implementation", "sdpa") if config is not None else "sdpa"
+
+
+def _model_dtype(logprob_model) -> torch.dtype:
+    for p in logprob_model.parameters() if hasattr(logprob_model, "parameters") else []:
+        return p.dtype if p.dtype.is_floating_point else torch.float32
+    return torch.float32
+
+
+def shared_rows(pairs: list[TokenizedPair], pad_id: int, attention: str = "sdpa",
+                mask_dtype: torch.dtype = torch.float32) -> dict:
+    """One row per pair: prompt + chosen + [last prompt token] + rejected, with a 4-D mask.
+
+    Branch ids: 0 = prompt without its last token (seen by both responses), 1 = last prompt token and
+    chosen, 2 = the repeated last prompt token and rejected, 3 = padding (sees only itself). A query
+    attends to earlier keys of branch 0 or of its own branch.
+    """
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + 1 + len(p.rejected_ids) for p in pairs]
+    n, width = len(pairs), max(lengths)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    branch = torch.full((n, width), 3, dtype=torch.long)
+    chosen_labels = torch.zeros((n, width), dtype=torch.bool)
+    rejected_labels = torch.zeros((n, width), dtype=torch.bool)
+    for i, p in enumerate(pairs):
+        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        seq = p.prompt_ids + p.chosen_ids + [p.prompt_ids[-1]] + p.rejected_ids
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        position_ids[i, :P + C] = torch.arange(P + C)
+        position_ids[i, P + C] = P - 1
+        position_ids[i, P + C + 1:P + C + 1 + R] = torch.arange(P, P + R)
+        branch[i, :P - 1] = 0
+        branch[i, P - 1:P + C] = 1
+        branch[i, P + C:P + C + 1 + R] = 2
+        chosen_labels[i, P:P + C] = True
+        rejected_labels[i, P + C + 1:P + C + 1 + R] = True
+    index = torch.arange(width)
+    causal = index[None, :] <= index[:, None]  # [q, k]
+    bq, bk = branch[:, :, None], branch[:, None, :]
+    allowed = causal[None] & ((bk == 0) | (bk == bq)) & (bq != 3) & (bk != 3)
+    allowed |= torch.eye(width, dtype=torch.bool)[None] & (bq == 3)  # padding sees itself: no empty softmax rows
+    allowed = allowed[:, None]  # [n, 1, q, k]
+    if attention == "sdpa":
+        mask = allowed
+    else:  # eager attention adds the mask to the scores
+        mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(~allowed, torch.finfo(mask_dtype).min)
+    loss_mask = (chosen_labels | rejected_labels).long()
+    return {"input_ids": input_ids, "attention_mask": mask, "loss_mask": loss_mask, "position_ids": position_ids,
+            "chosen_labels": chosen_labels, "rejected_labels": rejected_labels, "real_tokens": sum(lengths),
+            "total_positions": n * width}
+
+
+def separate_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """One row per (prompt, completion) sequence, right-padded, with the usual 2-D mask."""
+    width = max(len(a) + len(b) for a, b in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (prompt, completion) in enumerate(sequences):
+        seq = prompt + completion
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        attention_mask[i, :len(seq)] = 1
+        loss_mask[i, len(prompt):len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "real_tokens": int(attention_mask.sum()), "total_positions": n * width}
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def _forward(logprob_model, batch: dict, autocast_bf16: bool) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+        if "position_ids" in batch:
+            logps = logprob_model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                  batch["position_ids"])
+        else:
+            logps = logprob_model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    return logps.double()
+
+
 @torch.no_grad()
 def score_pairs(logprob_model, pairs: list[TokenizedPair], pad_id: int, batch_size: int = 16,
-                progress: bool = False, autocast_bf16: bool = False) -> PairScores:
-    """Score every pair with `logprob_model` (a PolicyLogProbs, or anything with its forward)."""
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids),
-                                                                                   len(pairs[i].rejected_ids)))
+                progress: bool = False, autocast_bf16: bool = False, layout: str = "auto") -> PairScores:
+    """Score every pair with `logprob_model`: a PolicyLogProbs, or any callable with its signature
+    `(input_ids, attention_mask, loss_mask[, position_ids]) -> per-token log-probs [N, L-1]`.
+
+    `batch_size` is the number of rows per forward pass: pairs in the shared layout, sequences in the
+    separate layout (`layout="separate", batch_size=1` scores one sequence at a time).
+    """
+    layout = choose_layout(logprob_model, pairs, layout)
     n = len(pairs)
     chosen, rejected = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    was_training = logprob_model.training
-    logprob_model.eval()
+    was_training = getattr(logprob_model, "training", False)
+    if hasattr(logprob_model, "eval"):
+        logprob_model.eval()
+    passes = real = total = 0
+    started = time.perf_counter()
+    bar = tqdm(total=n, desc="scoring pairs", unit="pair", disable=not progress, leave=False)
     try:
-        for start in tqdm(range(0, n, batch_size), desc="scoring pairs", disable=not progress, leave=False):
-            index = order[start:start + batch_size]
-            batch = collate_pairs([pairs[i] for i in index], pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-                logps = logprob_model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-            sums = logps.double().sum(-1)
-            k = len(index)
-            chosen[index] = sums[:k]
-            rejected[index] = sums[k:]
+        if layout == "shared":
+            attention, dtype = _attention_kind(logprob_model), _model_dtype(logprob_model)
+            order = sorted(range(n), key=lambda i: (len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
+                                                    + len(pairs[i].rejected_ids)))
+            rows = n
+            for start in range(0, n, batch_size):
+                index = order[start:start + batch_size]
+                batch = shared_rows([pairs[i] for i in index], pad_id, attention, dtype)
+                logps = _forward(logprob_model, batch, autocast_bf16)
+                chosen[index] = (logps * batch["chosen_labels"][:, 1:]).sum(-1)
+                rejected[index] = (logps * batch["rejected_labels"][:, 1:]).sum(-1)
+                passes, real, total = passes + 1, real + batch["real_tokens"], total + batch["total_positions"]
+                bar.update(len(index))
+        else:
+            sequences = [(i, 0) for i in range(n)] + [(i, 1) for i in range(n)]
+            completion = lambda i, which: pairs[i].chosen_ids if which == 0 else pairs[i].rejected_ids  # noqa: E731
+            sequences.sort(key=lambda s: len(pairs[s[0]].prompt_ids) + len(completion(*s)))
+            rows = len(sequences)
+            for start in range(0, rows, batch_size):
+                chunk = sequences[start:start + batch_size]
+                batch = separate_rows([(pairs[i].prompt_ids, completion(i, w)) for i, w in chunk], pad_id)
+                sums = _forward(logprob_model, batch, autocast_bf16).sum(-1)
+                for k, (i, which) in enumerate(chunk):
+                    (chosen if which == 0 else rejected)[i] = sums[k]
+                passes, real, total = passes + 1, real + batch["real_tokens"], total + batch["total_positions"]
+                bar.update(len(chunk) / 2)
     finally:
-        logprob_model.train(was_training)
+        bar.close()
+        if hasattr(logprob_model, "train"):
+            logprob_model.train(was_training)
+    stats = ScoringStats(layout, n, rows, passes, time.perf_counter() - started, real, total)
     lengths_w = torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.float64)
     lengths_l = torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.float64)
-    return PairScores(chosen, rejected, lengths_w, lengths_l)
+    return PairScores(chosen, rejected, lengths_w, lengths_l, stats)

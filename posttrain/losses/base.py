@@ -12,7 +12,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from posttrain.core.unified import Normaliser
+from posttrain.core.unified import Normaliser, policy_gradient_surrogate
 
 
 @dataclass
@@ -86,6 +86,34 @@ def sequence_sums(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def sequence_means(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A(y) = S(y) / sum_t m_t (spec section 0); 0 for an empty row."""
     return sequence_sums(logps, mask) / mask.sum(-1).clamp(min=1)
+
+
+def pair_surrogate(inputs: PairLossInputs, adv_w: torch.Tensor, adv_l: torch.Tensor,
+                   normaliser: float) -> torch.Tensor:
+    """The unified-core surrogate (spec section 10) with pi_ref = pi_theta for a pairwise loss: advantages
+    adv_w on chosen tokens and adv_l on rejected tokens, per pair [B] or per token [B, T], zero-weight
+    rows removed. Its gradient is -sum_t A_t grad lp_t / normaliser."""
+    weight = inputs.pair_weight
+    adv_w = (adv_w * weight)[:, None] if adv_w.dim() == 1 else adv_w * weight[:, None]
+    adv_l = (adv_l * weight)[:, None] if adv_l.dim() == 1 else adv_l * weight[:, None]
+    return (policy_gradient_surrogate(inputs.chosen_logps, inputs.chosen_logps, adv_w, inputs.chosen_mask, normaliser)
+            + policy_gradient_surrogate(inputs.rejected_logps, inputs.rejected_logps, adv_l, inputs.rejected_mask,
+                                        normaliser))
+
+
+def preference_metrics(reward_w: torch.Tensor, reward_l: torch.Tensor, logps_w: torch.Tensor,
+                       logps_l: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pair metrics under TRL's names: implicit rewards, their margin and reward accuracy (share of
+    pairs with r_w > r_l; not ranking accuracy), and the policy's sequence log-probs."""
+    reward_w, reward_l = reward_w.detach(), reward_l.detach()
+    return {
+        "rewards/chosen": reward_w,
+        "rewards/rejected": reward_l,
+        "rewards/margins": reward_w - reward_l,
+        "rewards/accuracies": (reward_w > reward_l).to(reward_w.dtype),
+        "logps/chosen": logps_w.detach(),
+        "logps/rejected": logps_l.detach(),
+    }
 
 
 def reference_sums(inputs: PairLossInputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,8 +18,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from posttrain.core.unified import policy_gradient_surrogate, with_value
-from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, reference_sums, sequence_sums
+from posttrain.core.unified import with_value
+from posttrain.losses.base import (LossOutput, LossPlugin, PairLossInputs, pair_surrogate, preference_metrics,
+                                   reference_sums, sequence_sums)
 from posttrain.losses.registry import register_loss
 
 
@@ -66,21 +67,7 @@ class DPOLoss(LossPlugin):
             adv_w, adv_l = -dloss_dh / n_w, dloss_dh / n_l
         weight = inputs.pair_weight
         n = inputs.normaliser.sequences
-        surrogate = (
-            policy_gradient_surrogate(inputs.chosen_logps, inputs.chosen_logps, (weight * adv_w)[:, None],
-                                      inputs.chosen_mask, n)
-            + policy_gradient_surrogate(inputs.rejected_logps, inputs.rejected_logps, (weight * adv_l)[:, None],
-                                        inputs.rejected_mask, n)
-        )
+        surrogate = pair_surrogate(inputs, adv_w, adv_l, n)
         loss = with_value((weight * per_pair).sum() / n, surrogate)
-        reward_w = beta * (s_w - r_w).detach()
-        reward_l = beta * (s_l - r_l).detach()
-        metrics = {
-            "rewards/chosen": reward_w,
-            "rewards/rejected": reward_l,
-            "rewards/margins": reward_w - reward_l,
-            "rewards/accuracies": (reward_w > reward_l).to(reward_w.dtype),
-            "logps/chosen": s_w.detach(),
-            "logps/rejected": s_l.detach(),
-        }
+        metrics = preference_metrics(beta * (s_w - r_w), beta * (s_l - r_l), s_w, s_l)
         return LossOutput(loss, metrics)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from posttrain.core.unified import policy_gradient_surrogate, with_value
-from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, reference_sums, sequence_sums
+from posttrain.core.unified import with_value
+from posttrain.losses.base import (LossOutput, LossPlugin, PairLossInputs, pair_surrogate, preference_metrics,
+                                   reference_sums, sequence_sums)
 from posttrain.losses.registry import register_loss
 
 
@@ -49,19 +50,6 @@ class RobustDPOLoss(LossPlugin):
         dloss_dh = -beta * ((1 - eps) * torch.sigmoid(-beta * h) + eps * torch.sigmoid(beta * h)) / (1 - 2 * eps)
         weight = inputs.pair_weight
         n = inputs.normaliser.sequences
-        surrogate = (
-            policy_gradient_surrogate(inputs.chosen_logps, inputs.chosen_logps, (-dloss_dh * weight)[:, None],
-                                      inputs.chosen_mask, n)
-            + policy_gradient_surrogate(inputs.rejected_logps, inputs.rejected_logps, (dloss_dh * weight)[:, None],
-                                        inputs.rejected_mask, n)
-        )
-        reward_w, reward_l = beta * (s_w - r_w).detach(), beta * (s_l - r_l).detach()
-        metrics = {
-            "rewards/chosen": reward_w,
-            "rewards/rejected": reward_l,
-            "rewards/margins": reward_w - reward_l,
-            "rewards/accuracies": (reward_w > reward_l).to(reward_w.dtype),
-            "logps/chosen": s_w.detach(),
-            "logps/rejected": s_l.detach(),
-        }
+        surrogate = pair_surrogate(inputs, -dloss_dh, dloss_dh, n)
+        metrics = preference_metrics(beta * (s_w - r_w), beta * (s_l - r_l), s_w, s_l)
         return LossOutput(with_value((weight * per_pair).sum() / n, surrogate), metrics)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.core.unified import policy_gradient_surrogate, with_value
-from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, sequence_sums
+from posttrain.losses.base import (LossOutput, LossPlugin, PairLossInputs, pair_surrogate, preference_metrics,
+                                   sequence_sums)
 from posttrain.losses.registry import register_loss
 
 
@@ -42,6 +43,8 @@ class SimPOLoss(LossPlugin):
                 raise ValueError(f"beta must be positive, got {self.beta}")
             if not 0 <= self.label_smoothing < 0.5:
                 raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            if self.sft_weight < 0:
+                raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
 
         @property
         def margin(self) -> float:
@@ -63,12 +66,8 @@ class SimPOLoss(LossPlugin):
             dloss_dz = -(z < 1).to(z.dtype)
         weight = inputs.pair_weight
         n = inputs.normaliser.sequences
-        adv_w = (-dloss_dz * p.beta / n_w * weight)[:, None]
-        adv_l = (dloss_dz * p.beta / n_l * weight)[:, None]
         value = (weight * per_pair).sum() / n
-        surrogate = (policy_gradient_surrogate(inputs.chosen_logps, inputs.chosen_logps, adv_w, inputs.chosen_mask, n)
-                     + policy_gradient_surrogate(inputs.rejected_logps, inputs.rejected_logps, adv_l,
-                                                 inputs.rejected_mask, n))
+        surrogate = pair_surrogate(inputs, -dloss_dz * p.beta / n_w, dloss_dz * p.beta / n_l, n)
         parts = {}
         if p.sft_weight:
             mask = inputs.chosen_mask * weight[:, None]
@@ -78,13 +77,5 @@ class SimPOLoss(LossPlugin):
             surrogate = surrogate + policy_gradient_surrogate(
                 inputs.chosen_logps, inputs.chosen_logps, torch.full_like(mask, p.sft_weight), mask, tokens)
             parts["loss/sft"] = sft.detach()
-        reward_w, reward_l = (p.beta * a_w).detach(), (p.beta * a_l).detach()
-        metrics = {
-            "rewards/chosen": reward_w,
-            "rewards/rejected": reward_l,
-            "rewards/margins": reward_w - reward_l,
-            "rewards/accuracies": (reward_w > reward_l).to(reward_w.dtype),
-            "logps/chosen": a_w.detach(),
-            "logps/rejected": a_l.detach(),
-        }
+        metrics = preference_metrics(p.beta * a_w, p.beta * a_l, a_w, a_l)
         return LossOutput(with_value(value, surrogate), metrics, parts)

@@ -34,9 +34,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from posttrain.core.unified import policy_gradient_surrogate, with_value
+from posttrain.core.unified import with_value
 from posttrain.data.token_weights import TokenWeightConfig, weight_pairs
-from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs
+from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, pair_surrogate, preference_metrics
 from posttrain.losses.registry import register_loss
 
 
@@ -114,21 +114,11 @@ class TABPOLoss(LossPlugin):
         value = (weight * (pref + p.lam * barrier)).sum() / n
         # Per-token advantages A_t = -dL/dlp_t (per pair, before the global normaliser).
         coef = (beta * torch.sigmoid(-beta * z)).detach()
-        adv_w = weight[:, None] * (coef[:, None] * wc / n_w[:, None] + p.lam * gated_weight / denom[:, None])
-        adv_l = -weight[:, None] * coef[:, None] * wr / n_l[:, None]
-        surrogate = (policy_gradient_surrogate(lp_w, lp_w, adv_w.detach(), mc, n)
-                     + policy_gradient_surrogate(lp_l, lp_l, adv_l.detach(), mr, n))
-        reward_w = beta * (s_w - r_w).detach()
-        reward_l = beta * (s_l - r_l).detach()
-        metrics = {
-            "rewards/chosen": reward_w,
-            "rewards/rejected": reward_l,
-            "rewards/margins": reward_w - reward_l,
-            "rewards/accuracies": (reward_w > reward_l).to(reward_w.dtype),
-            "logps/chosen": s_w.detach(),  # the weighted average s(y), not the sum
-            "logps/rejected": s_l.detach(),
-            "tabpo/pref": pref.detach(),
-            "tabpo/barrier": barrier.detach(),
-            "tabpo/gated_tokens": gate.sum(-1),
-        }
+        adv_w = coef[:, None] * wc / n_w[:, None] + p.lam * gated_weight / denom[:, None]
+        adv_l = -coef[:, None] * wr / n_l[:, None]
+        surrogate = pair_surrogate(inputs, adv_w, adv_l, n)
+        # logps/* are the weighted averages s(y), not sums
+        metrics = preference_metrics(beta * (s_w - r_w), beta * (s_l - r_l), s_w, s_l)
+        metrics.update({"tabpo/pref": pref.detach(), "tabpo/barrier": barrier.detach(),
+                        "tabpo/gated_tokens": gate.sum(-1)})
         return LossOutput(with_value(value, surrogate), metrics)
