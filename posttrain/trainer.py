@@ -82,7 +82,11 @@ class Trainer:
         self.output_dir = Path(recipe.run.output_dir)
 
     # ------------------------------------------------------------------ set-up
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Load the loss, models and data and prepare them with accelerate (once; `train` calls it)."""
+        if getattr(self, "_is_set_up", False):
+            return
+        self._is_set_up = True
         r = self.recipe
         seed_everything(r.run.seed, r.run.num_threads, r.run.deterministic)
         self.loss = build_loss(r.loss, [self.recipe_dir] if self.recipe_dir else [])
@@ -332,7 +336,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
-        self._setup()
+        self.setup()
         acc = self.accelerator
         r = self.recipe
         start, history = self._try_resume() if self.resume else (0, {})

@@ -626,7 +626,7 @@ def test_reference_free_simpo_never_runs_a_reference_pass(tiny_model_dir, tmp_pa
                       train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 2},
                       logging={"progress_bar": False, "tensorboard": False})
     trainer = Trainer(recipe_from(raw))
-    trainer._setup()
+    trainer.setup()
     records = [trainer.train_step(step) for step in range(2)]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert counts["reference_logps"] == expected_reference_passes, counts

@@ -14,7 +14,7 @@ from posttrain.trainer import Trainer
 
 def _first_steps(raw, steps=2):
     trainer = Trainer(recipe_from(raw))
-    trainer._setup()
+    trainer.setup()
     records = [trainer.train_step(s) for s in range(steps)]
     return trainer, records
 

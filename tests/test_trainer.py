@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _step_gradients(recipe) -> dict[str, torch.Tensor]:
     """Gradients of the first optimiser step, captured just before the optimiser uses them."""
     trainer = Trainer(recipe)
-    trainer._setup()
+    trainer.setup()
     captured = {}
     original = trainer.optimizer.step
 
@@ -176,7 +176,7 @@ def test_a_nan_loss_stops_or_skips_the_step(tiny_model_dir, tmp_path, policy):
                       train={"batch_size": 8, "micro_batch_size": 4, "on_nonfinite": policy},
                       logging={"progress_bar": False, "tensorboard": False})
     trainer = Trainer(recipe_from(raw))
-    trainer._setup()
+    trainer.setup()
     real_loss = trainer.loss
 
     class PoisonedLoss:
