@@ -78,7 +78,8 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, rn
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_trainable(model, tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:  # None under DeepSpeed, whose optimiser state is sharded (not yet gathered)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_plain_rng(rng), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -125,6 +126,12 @@ def restore_rng(saved: dict) -> None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     load_trainable(model, path / "adapter")
+    if not (path / "optimizer.pt").is_file():
+        from posttrain.errors import PosttrainError
+
+        raise PosttrainError(f"{path} holds no optimiser state (it was written under DeepSpeed, whose sharded "
+                             f"optimiser state posttrain does not gather yet), so training cannot resume exactly "
+                             f"from it. Its adapter ({path / 'adapter'}) can start a new run via lora.init_adapter.")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     restore_rng(torch.load(path / "rng.pt", weights_only=True))

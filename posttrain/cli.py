@@ -53,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     ev.add_argument("--layout", choices=["auto", "shared", "separate"], default="auto",
                     help="shared: one row per pair, the prompt computed once; separate: one row per sequence")
+    ev.add_argument("--max-padding", type=float, default=0.1,
+                    help="end a batch early rather than pad more than this share of its positions (1: never)")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
+    ev.add_argument("--bf16", action="store_true",
+                    help="bfloat16 autocast for the forward passes (faster on CPUs with AMX; scores change slightly)")
     ev.add_argument("--betas", default="0.01,0.1,1,5,10", help="betas for R* (comma-separated)")
     ev.add_argument("--beta", type=float, default=0.1, help="DPO beta of the difficulty thresholds and the DPO loss")
     ev.add_argument("--alpha", type=float, default=1.0,

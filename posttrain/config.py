@@ -143,7 +143,8 @@ class EvalConfig:
             (self.bootstrap >= 0, f"eval.bootstrap must be >= 0, got {self.bootstrap}."),
             (self.entanglement_every is None or self.entanglement_every >= 0,
              f"eval.entanglement_every must be >= 0 or null, got {self.entanglement_every}."),
-            (self.entanglement_pairs >= 1, f"eval.entanglement_pairs must be at least 1, got {self.entanglement_pairs}."),
+            (self.entanglement_pairs >= 1,
+             f"eval.entanglement_pairs must be at least 1, got {self.entanglement_pairs}."),
         ]
         for ok, message in problems:
             if not ok:

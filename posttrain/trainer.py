@@ -9,7 +9,7 @@ because DDP and accelerate average those away. The trainer asks the loss what it
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import math
 import time
@@ -30,7 +30,7 @@ from posttrain.errors import PosttrainError, RecipeError
 from posttrain.eval.ranking import PairScores, score_pairs
 from posttrain.logs import MetricsWriter, get_logger
 from posttrain.losses import PairLossInputs, build_loss
-from posttrain.models import load_policy_and_reference
+from posttrain.models import load_policy_and_reference, resolve_model_path
 from posttrain.runtime import make_accelerator, rng_state, seed_everything, write_run_record
 
 # Recipe sections that may change between a checkpoint and its resume without --force.
@@ -101,8 +101,10 @@ class Trainer:
         if not self.resume and not self.force and acc.is_main_process and ckpt.latest_checkpoint(self.output_dir):
             raise PosttrainError(f"{self.output_dir} already holds checkpoints of an earlier run. Continue it with "
                                  f"--resume, choose another run.output_dir, or pass --force to start over there.")
-        with acc.main_process_first():
-            self.tokenizer, self.policy, self.reference = load_policy_and_reference(r, self.loss.needs_reference)
+        with acc.main_process_first():  # the alias's one-off conversion; the lock covers other launches
+            resolve_model_path(r.model.name_or_path)
+        # All processes load together: under ZeRO-3 loading is itself collective.
+        self.tokenizer, self.policy, self.reference = load_policy_and_reference(r, self.loss.needs_reference)
         self.pad_id = self.tokenizer.pad_token_id
         skipped = self.output_dir / "skipped_rows.jsonl" if acc.is_main_process else None
         self.train_pairs, self.train_stats, _ = load_pairs(r.data.train, r.data, self.tokenizer, r.run.seed,
@@ -133,6 +135,7 @@ class Trainer:
         name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
         self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.plan.total_steps)
+        self._configure_deepspeed()
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.ref_model = None
         if self.reference.kind == "separate":
@@ -144,6 +147,19 @@ class Trainer:
             write_run_record(self.output_dir, recipe_to_dict(r), r.run.seed, self.world)
         self.metrics = MetricsWriter(self.output_dir, r.logging.tensorboard, acc.is_main_process,
                                      append=self.resume)
+
+    def _configure_deepspeed(self) -> None:
+        """Hand the recipe's batch geometry and clipping to DeepSpeed (no dataloader is prepared, so
+        accelerate cannot infer them)."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None:
+            return
+        t = self.recipe.train
+        config = plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+        config["gradient_accumulation_steps"] = self.n_micro
+        config["train_batch_size"] = t.micro_batch_size * self.n_micro * self.world
+        config["gradient_clipping"] = t.max_grad_norm if t.max_grad_norm is not None else 0.0
 
     @property
     def peft_model(self):
@@ -309,13 +325,29 @@ class Trainer:
         return {"step": step, "epoch": self.plan.epoch_of(step), "data_position": step,
                 "recipe": recipe_to_dict(self.recipe), "world_size": self.world, "history": history}
 
-    def save(self, step: int, history: dict) -> None:
+    def _gathered_trainable(self):
+        """Under ZeRO-3 each process holds a shard of every parameter: gather the trainable ones (on
+        every process, a collective) so that one process can write them whole."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None or plugin.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def save(self, step: int, history: dict, final: bool = False) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            ckpt.save_checkpoint(self.output_dir, step, self.peft_model, self.optimizer.optimizer
-                                 if hasattr(self.optimizer, "optimizer") else self.optimizer, self.scheduler,
-                                 rng_state(), self._trainer_state(step, history), self.recipe.checkpoint.keep_last)
+        optimizer = None if acc.state.deepspeed_plugin is not None else getattr(self.optimizer, "optimizer",
+                                                                               self.optimizer)
+        with self._gathered_trainable():
+            if acc.is_main_process:
+                ckpt.save_checkpoint(self.output_dir, step, self.peft_model, optimizer, self.scheduler, rng_state(),
+                                     self._trainer_state(step, history), self.recipe.checkpoint.keep_last)
+                if final:
+                    ckpt.save_trainable(self.peft_model, self.output_dir / "final")
+                    self.tokenizer.save_pretrained(self.output_dir / "final")
         acc.wait_for_everyone()
 
     def _try_resume(self) -> tuple[int, dict]:
@@ -376,11 +408,7 @@ class Trainer:
         if r.eval.at_end and self.heldout_pairs:
             history["heldout_after"] = self.evaluate()
             self.metrics.write(self.plan.total_steps, history["heldout_after"], prefix="eval")
-        self.save(self.plan.total_steps, history)
-        if acc.is_main_process:
-            final = self.output_dir / "final"
-            ckpt.save_trainable(self.peft_model, final)
-            self.tokenizer.save_pretrained(final)
+        self.save(self.plan.total_steps, history, final=True)
         summary = {"steps": self.plan.total_steps, "train_seconds": train_time, **history}
         if acc.is_main_process:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

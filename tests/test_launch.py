@@ -59,7 +59,7 @@ def test_two_processes_train_together(tiny_model_dir, tmp_path):
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "POSTTRAIN_PG_TIMEOUT": "120"}
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             str(ROOT / "accelerate_configs" / "ddp_2proc.yaml"), "--main_process_port", "29517",
+                             str(ROOT / "accelerate_configs" / "cpu_ddp_2proc.yaml"), "--main_process_port", "29517",
                              "-m", "posttrain", "train", str(path)],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

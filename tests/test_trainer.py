@@ -200,3 +200,13 @@ def test_a_nan_loss_stops_or_skips_the_step(tiny_model_dir, tmp_path, policy):
         trainer.loss = real_loss
         assert "skipped" not in trainer.train_step(1)
         assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+
+
+def test_sft_trains_the_tiny_task(tiny_model_dir, tmp_path):
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", loss={"name": "sft"},
+                      train={"batch_size": 16, "micro_batch_size": 16, "max_steps": 24, "lr": 1e-2},
+                      logging={"progress_bar": False, "tensorboard": False})
+    summary = Trainer(recipe_from(raw)).train()
+    before = summary["heldout_before"]["ranking_accuracy"]
+    after = summary["heldout_after"]["ranking_accuracy"]
+    assert after >= before + 0.25, (before, after)

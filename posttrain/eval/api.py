@@ -213,17 +213,21 @@ def run_eval(args) -> int:
     pairs, excluded, alpha_source = _load_eval_pairs(args, tokenizer)
     alpha = pair_alphas(pairs, args.alpha)
     progress = not args.no_progress
-    scores = score_pairs(policy, pairs, tokenizer.pad_token_id, args.batch_size, progress=progress, layout=args.layout)
+    padding = args.max_padding if args.max_padding < 1 else None
+    scores = score_pairs(policy, pairs, tokenizer.pad_token_id, args.batch_size, progress=progress, layout=args.layout,
+                         max_padding=padding, autocast_bf16=args.bf16)
     if reference_model is not None:
         reference = score_pairs(reference_model, pairs, tokenizer.pad_token_id, args.batch_size, progress=progress,
-                                layout=args.layout)
+                                layout=args.layout, max_padding=padding, autocast_bf16=args.bf16)
     else:
         reference, reference_name = scores, "the scored model itself (no adapter: it is its own reference)"
     inputs = {"model": args.model, "adapter": str(adapter[1]) if adapter else None,
               "adapter_kind": adapter[0] if adapter else None, "reference": reference_name,
               "data": args.data or f"builtin:{args.builtin}", "format": args.template, "max_length": args.max_length,
               "start": args.start, "max_pairs": args.max_pairs, "sample": args.sample, "dtype": args.dtype,
-              "batch_size": args.batch_size, "alpha_source": alpha_source, "default_alpha": args.alpha,
+              "bf16_autocast": args.bf16,
+              "batch_size": args.batch_size, "max_padding": args.max_padding, "alpha_source": alpha_source,
+              "default_alpha": args.alpha,
               "excluded": excluded, "truncated_pairs": int(sum(p.truncated for p in pairs)),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     report, records = build_report(pairs, scores, reference, alpha, inputs, betas=betas, eps=args.alpha_eps,

@@ -214,7 +214,8 @@ def ranking_metrics(s_w, s_l, n_w, n_l, ref_w=None, ref_l=None, alpha=None, *,
     thr = {b: difficulty_threshold(c, b) for b in sorted(set(betas + [dpo_beta]))}
     correct = r.astype(bool)
     m["difficulty"] = {"dpo_beta": dpo_beta, "reference_wrong_share": float((c > 0).mean()),
-                       "c": _summary(c), "c_ranked_right": _summary(c[correct]), "c_ranked_wrong": _summary(c[~correct]),
+                       "c": _summary(c), "c_ranked_right": _summary(c[correct]),
+                       "c_ranked_wrong": _summary(c[~correct]),
                        "threshold": {str(b): _summary(t) for b, t in thr.items()}}
     pairs["c"] = c
     pairs["threshold"] = thr[dpo_beta]

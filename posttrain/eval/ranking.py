@@ -15,7 +15,8 @@ without gradient, and with little padding. Two row layouts:
 - `separate`: one row per sequence (`prompt + response`), with the usual 2-D padding mask.
 
 Rows are sorted by length before they are cut into batches of `batch_size` rows, so a batch's rows
-have almost the same length; the share of padded positions is reported in `ScoringStats`.
+have almost the same length (with `max_padding`, a batch also ends early rather than carry more than
+that share of padding); the share of padded positions is reported in `ScoringStats`.
 """
 
 from __future__ import annotations
@@ -229,14 +230,39 @@ def _forward(logprob_model, batch: dict, autocast_bf16: bool) -> torch.Tensor:
     return logps.double()
 
 
+def batches(lengths: list[int], batch_size: int, max_padding: Optional[float] = None) -> list[list[int]]:
+    """Row indices sorted by length, cut into batches of at most `batch_size` rows. With `max_padding`, a
+    batch also ends before a row that would make more than that share of its positions padding (the
+    number of batches then depends on the lengths: use it only where every process scores alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        if current:
+            width = lengths[i]  # the longest so far: rows come in increasing length
+            full = len(current) >= batch_size
+            too_padded = max_padding is not None and 1 - (real + width) / (width * (len(current) + 1)) > max_padding
+            if full or too_padded:
+                out.append(current)
+                current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        out.append(current)
+    return out
+
+
 @torch.no_grad()
 def score_pairs(logprob_model, pairs: list[TokenizedPair], pad_id: int, batch_size: int = 16,
-                progress: bool = False, autocast_bf16: bool = False, layout: str = "auto") -> PairScores:
+                progress: bool = False, autocast_bf16: bool = False, layout: str = "auto",
+                max_padding: Optional[float] = None) -> PairScores:
     """Score every pair with `logprob_model`: a PolicyLogProbs, or any callable with its signature
     `(input_ids, attention_mask, loss_mask[, position_ids]) -> per-token log-probs [N, L-1]`.
 
     `batch_size` is the number of rows per forward pass: pairs in the shared layout, sequences in the
-    separate layout (`layout="separate", batch_size=1` scores one sequence at a time).
+    separate layout (`layout="separate", batch_size=1` scores one sequence at a time). `max_padding`
+    (single process only) closes a batch early rather than pad more than that share of its positions.
     """
     layout = choose_layout(logprob_model, pairs, layout)
     n = len(pairs)
@@ -250,11 +276,9 @@ def score_pairs(logprob_model, pairs: list[TokenizedPair], pad_id: int, batch_si
     try:
         if layout == "shared":
             attention, dtype = _attention_kind(logprob_model), _model_dtype(logprob_model)
-            order = sorted(range(n), key=lambda i: (len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids)
-                                                    + len(pairs[i].rejected_ids)))
+            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + 1 + len(p.rejected_ids) for p in pairs]
             rows = n
-            for start in range(0, n, batch_size):
-                index = order[start:start + batch_size]
+            for index in batches(lengths, batch_size, max_padding):
                 batch = shared_rows([pairs[i] for i in index], pad_id, attention, dtype)
                 logps = _forward(logprob_model, batch, autocast_bf16)
                 chosen[index] = (logps * batch["chosen_labels"][:, 1:]).sum(-1)
@@ -264,10 +288,10 @@ def score_pairs(logprob_model, pairs: list[TokenizedPair], pad_id: int, batch_si
         else:
             sequences = [(i, 0) for i in range(n)] + [(i, 1) for i in range(n)]
             completion = lambda i, which: pairs[i].chosen_ids if which == 0 else pairs[i].rejected_ids  # noqa: E731
-            sequences.sort(key=lambda s: len(pairs[s[0]].prompt_ids) + len(completion(*s)))
+            lengths = [len(pairs[i].prompt_ids) + len(completion(i, w)) for i, w in sequences]
             rows = len(sequences)
-            for start in range(0, rows, batch_size):
-                chunk = sequences[start:start + batch_size]
+            for rows_of_batch in batches(lengths, batch_size, max_padding):
+                chunk = [sequences[r] for r in rows_of_batch]
                 batch = separate_rows([(pairs[i].prompt_ids, completion(i, w)) for i, w in chunk], pad_id)
                 sums = _forward(logprob_model, batch, autocast_bf16).sum(-1)
                 for k, (i, which) in enumerate(chunk):

@@ -121,8 +121,8 @@ def save_figure(fig, path: Path) -> Path:
 def markdown_summary(report: dict, worst: list[dict], plots: list[str]) -> str:
     m, inputs = report["metrics"], report["inputs"]
     lines = ["# Ranking-accuracy evaluation", ""]
-    lines.append(f"Model `{inputs.get('model')}`" + (f", adapter `{inputs['adapter']}`" if inputs.get("adapter") else "")
-                 + f"; reference: {inputs.get('reference')}.")
+    adapter = f", adapter `{inputs['adapter']}`" if inputs.get("adapter") else ""
+    lines.append(f"Model `{inputs.get('model')}`{adapter}; reference: {inputs.get('reference')}.")
     lines.append(f"Data `{inputs.get('data')}`, format **{inputs.get('format')}**, {m['pairs']} pairs"
                  f" ({m['ties']} ties with alpha = 0.5); alpha: {inputs.get('alpha_source')}.")
     if inputs.get("excluded"):
@@ -131,7 +131,8 @@ def markdown_summary(report: dict, worst: list[dict], plots: list[str]) -> str:
     ci = m["ranking_accuracy_ci95"]
     lines.append(f"| ranking accuracy R | {_pct(m['ranking_accuracy'])} | {_pct(ci[0])} to {_pct(ci[1])} |")
     ci = m["ranking_accuracy_normalised_ci95"]
-    lines.append(f"| length-normalised R~ | {_pct(m['ranking_accuracy_normalised'])} | {_pct(ci[0])} to {_pct(ci[1])} |")
+    lines.append(f"| length-normalised R~ | {_pct(m['ranking_accuracy_normalised'])} | "
+                 f"{_pct(ci[0])} to {_pct(ci[1])} |")
     if "idealised" in m:
         s, sn = m["idealised"]["R_star_summary"], m["idealised"]["R_star_normalised_summary"]
         lines.append(f"| idealised R* (min / median / max over beta) | {_pct(s['min'])} / {_pct(s['median'])} / "
@@ -143,7 +144,8 @@ def markdown_summary(report: dict, worst: list[dict], plots: list[str]) -> str:
                      f"{100 * g[0]:+.1f} to {100 * g[1]:+.1f} |")
         lines.append(f"| alignment gap, length-normalised | {100 * m['alignment_gap_normalised']:+.1f} points | "
                      f"{100 * gn[0]:+.1f} to {100 * gn[1]:+.1f} |")
-        lines.append(f"| pairs the reference ranks wrongly (c > 0) | {_pct(m['difficulty']['reference_wrong_share'])} | |")
+        lines.append(f"| pairs the reference ranks wrongly (c > 0) | "
+                     f"{_pct(m['difficulty']['reference_wrong_share'])} | |")
     if "implicit_reward_accuracy" in m:
         lines.append(f"| implicit-reward accuracy (policy vs reference) | {_pct(m['implicit_reward_accuracy'])} | |")
         lines.append(f"| mean DPO loss (beta = {m['difficulty']['dpo_beta']:g}) | {_num(m['dpo_loss_mean'])} | |")
@@ -168,8 +170,9 @@ def markdown_summary(report: dict, worst: list[dict], plots: list[str]) -> str:
         t = d["threshold"][str(d["dpo_beta"])] if str(d["dpo_beta"]) in d["threshold"] else None
         if t:
             lines.append("")
-            lines.append(f"DPO-loss threshold -log sigmoid(beta c) at beta = {d['dpo_beta']:g}: median {_num(t['median'])}, "
-                         f"mean {_num(t['mean'])} (a pair is ranked right iff its DPO loss is at most its threshold).")
+            lines.append(f"DPO-loss threshold -log sigmoid(beta c) at beta = {d['dpo_beta']:g}: median "
+                         f"{_num(t['median'])}, mean {_num(t['mean'])} (a pair is ranked right iff its DPO loss is at "
+                         f"most its threshold).")
     lines += ["", "## Ranking accuracy by length", "", "| pairs | n | R | R~ |", "|---|---|---|---|"]
     for name, part in m["length_split"].items():
         lines.append(f"| {name.replace('_', ' ')} | {part['pairs']} | {_pct(part['ranking_accuracy'])} | "
@@ -179,8 +182,8 @@ def markdown_summary(report: dict, worst: list[dict], plots: list[str]) -> str:
                   "| source row | S_w - S_l | c | chosen (start) | rejected (start) |", "|---|---|---|---|---|"]
         for w in worst:
             clip = lambda s: (s or "").strip().replace("\n", " ").replace("|", "\\|")[:60]  # noqa: E731
-            lines.append(f"| {w.get('row')} | {_num(w['margin'])} | {_num(w.get('c'))} | {clip(w.get('chosen_text'))} | "
-                         f"{clip(w.get('rejected_text'))} |")
+            lines.append(f"| {w.get('row')} | {_num(w['margin'])} | {_num(w.get('c'))} | "
+                         f"{clip(w.get('chosen_text'))} | {clip(w.get('rejected_text'))} |")
     if report.get("scoring"):
         lines += ["", "## Scoring", ""]
         for name, s in report["scoring"].items():

@@ -77,7 +77,8 @@ def sharded_scores(trainer, pairs: list[TokenizedPair], logprob_model, layout: s
     stacked = torch.stack([local.chosen_logps, local.rejected_logps])
     if world > 1:
         stacked = acc.gather(stacked.T.contiguous().to(acc.device)).cpu().T
-        order = [i for r in range(world) for i in (list(range(r, n, world)) + [-1] * (per_rank - len(range(r, n, world))))]
+        order = [i for r in range(world)
+                 for i in (list(range(r, n, world)) + [-1] * (per_rank - len(range(r, n, world))))]
     else:
         order = mine
     chosen, rejected = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
