@@ -293,6 +293,40 @@ def test_theorem_4_1_holds_for_every_pair_of_a_trained_policy(trained_run, tiny_
         assert image.shape[0] > 200 and image.shape[1] > 300
 
 
+def test_adapter_paths_resolve_to_the_run_and_step(trained_run):
+    from posttrain.eval.api import resolve_adapter, training_history
+
+    run, _ = trained_run
+    (step_dir,) = list((run / "checkpoints").iterdir())
+    assert resolve_adapter(str(step_dir)) == ("peft", step_dir / "adapter", run, 8)
+    assert resolve_adapter(str(run)) == ("peft", run / "final", run, None)
+    assert resolve_adapter(str(run / "final")) == ("peft", run / "final", run, None)
+    assert [h["step"] for h in training_history(run, 4)] == [0, 4]
+    with pytest.raises(Exception, match="holds no peft adapter"):
+        resolve_adapter(str(run / "tensorboard"))
+
+
+def test_the_entanglement_diagnostic_leaves_training_unchanged(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from posttrain.trainer import Trainer
+
+    weights = []
+    for every in (0, 2):
+        raw = tiny_recipe(tiny_model_dir, tmp_path / f"run{every}", train={"batch_size": 8, "micro_batch_size": 8,
+                                                                           "max_steps": 4, "lr": 2e-2},
+                          data={"heldout": {"builtin": "tiny", "split": "heldout", "num_rows": 8}},
+                          eval={"at_start": False, "at_end": False, "entanglement_every": every, "report": False},
+                          logging={"tensorboard": False, "progress_bar": False})
+        Trainer(recipe_from(raw)).train()
+        lines = (tmp_path / f"run{every}" / "metrics.jsonl").read_text().splitlines()
+        assert sum("entanglement/cosine" in x for x in lines) == (2 if every else 0)
+        weights.append(load_file(str(tmp_path / f"run{every}" / "final" / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 def test_plots_have_labelled_axes_and_titles():
     m, pairs = ranking_metrics(np.array([-5.0, -3.0, -9.0]), np.array([-4.0, -6.0, -2.0]), np.ones(3) * 3,
                                np.ones(3) * 2, np.array([-5.5, -3.0, -8.0]), np.array([-4.0, -6.5, -2.5]), None,
