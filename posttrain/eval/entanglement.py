@@ -116,7 +116,7 @@ def log_entanglement(trainer, step: int) -> Optional[dict]:
     diagnostic is switched off there, with a message, once."""
     acc = trainer.accelerator
     if _zero_stage(acc) >= 3:
-        if not getattr(trainer, "_entanglement_off_said", False):
+        if acc.is_main_process and not getattr(trainer, "_entanglement_off_said", False):
             trainer._entanglement_off_said = True
             trainer.log.warning("gradient-entanglement diagnostic switched off: under DeepSpeed ZeRO-3 each process "
                                 "holds a shard of the parameters; set eval.entanglement_every: 0 to silence this.")
