@@ -115,8 +115,13 @@ def heldout_evaluation(trainer) -> Optional[dict]:
         state["layout"] = choose_layout(trainer.model, pairs, cfg.layout)
     policy = sharded_scores(trainer, pairs, trainer.model, state["layout"])
     if "reference" not in state:
-        state["reference"] = (sharded_scores(trainer, pairs, TrainerReference(trainer), state["layout"])
-                              if TrainerReference.available(trainer) else None)
+        if _current_step(trainer) == 0 and trainer.reference.kind in ("adapter_off", "reference_adapter"):
+            # Before the first update the policy is its reference (fresh LoRA is the identity; a
+            # starting adapter is its own frozen copy): no second pass.
+            state["reference"] = policy
+        else:
+            state["reference"] = (sharded_scores(trainer, pairs, TrainerReference(trainer), state["layout"])
+                                  if TrainerReference.available(trainer) else None)
     reference = state["reference"]
     alpha = pair_alphas(pairs, cfg.alpha)
     step = _current_step(trainer)
