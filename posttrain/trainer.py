@@ -27,7 +27,8 @@ from posttrain.data.collate import collate_pairs
 from posttrain.data.sources import load_pairs
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.errors import PosttrainError, RecipeError
-from posttrain.eval.ranking import PairScores, score_pairs
+from posttrain.eval.ranking import PairScores, choose_layout
+from posttrain.eval.training import heldout_evaluation, sharded_scores
 from posttrain.logs import MetricsWriter, get_logger
 from posttrain.losses import PairLossInputs, build_loss
 from posttrain.models import load_policy_and_reference, resolve_model_path
@@ -292,33 +293,12 @@ class Trainer:
         """Held-out ranking accuracy and the rest of spec section 11 (R~, R*, alignment gap, difficulty,
         implicit-reward accuracy, length split), each process scoring an equal shard; the latest report
         goes to <output_dir>/eval/ (posttrain.eval.training)."""
-        from posttrain.eval.training import heldout_evaluation
-
         return heldout_evaluation(self)
 
     def score(self, pairs: list[TokenizedPair]) -> PairScores:
-        acc = self.accelerator
-        n = len(pairs)
-        per_rank = math.ceil(n / self.world)
-        mine = list(range(self.rank, n, self.world))
-        mine += [0] * (per_rank - len(mine))
-        local = score_pairs(self.model, [pairs[i] for i in mine], self.pad_id, self.recipe.eval.batch_size,
-                            progress=acc.is_main_process and self.recipe.logging.progress_bar,
-                            autocast_bf16=self.recipe.train.bf16)
-        stacked = torch.stack([local.chosen_logps, local.rejected_logps])
-        if self.world > 1:
-            stacked = acc.gather(stacked.T.contiguous().to(acc.device)).cpu().T  # [2, world * per_rank]
-            order = [i for r in range(self.world) for i in (list(range(r, n, self.world))
-                                                             + [-1] * (per_rank - len(range(r, n, self.world))))]
-        else:
-            order = mine
-        chosen, rejected = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        for pos, i in enumerate(order):
-            if i >= 0 and pos < stacked.shape[1]:
-                chosen[i], rejected[i] = stacked[0, pos], stacked[1, pos]
-        return PairScores(chosen, rejected,
-                          torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.float64),
-                          torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.float64))
+        """Summed log-probs of both responses of every pair under the current policy, each process
+        scoring an equal shard."""
+        return sharded_scores(self, pairs, self.model, choose_layout(self.model, pairs, self.recipe.eval.layout))
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self, step: int, history: dict) -> dict:
