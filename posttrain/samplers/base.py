@@ -27,7 +27,8 @@ class PromptSampler:
         self.rng = np.random.default_rng(seed)
 
     def select(self, batch_size: int) -> list[int]:
-        raise NotImplementedError
+        """The dataset indices of the next `batch_size` prompts (distinct)."""
+        raise NotImplementedError  # abstractmethod: every sampler defines it
 
     def update(self, indices: Sequence[int], successes: Sequence[float], group_size: int) -> None:
         """Default: no state to update."""
