@@ -13,22 +13,30 @@ import torch
 from posttrain.data.tokenize import TokenizedPair
 
 
+def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int):
+    """(input_ids, attention_mask, loss_mask) for (prompt, completion) sequences, right-padded; the loss
+    mask is 1 on completion tokens."""
+    length = max(len(a) + len(b) for a, b in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    loss_mask = torch.zeros((n, length), dtype=torch.long)
+    for i, (prompt, completion) in enumerate(sequences):
+        seq = prompt + completion
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        attention_mask[i, :len(seq)] = 1
+        loss_mask[i, len(prompt):len(seq)] = 1
+    return input_ids, attention_mask, loss_mask
+
+
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int, weights: list[float] | None = None) -> dict:
     if not pairs:
         raise ValueError("collate_pairs: no pairs to collate.")
     if weights is not None and len(weights) != len(pairs):
         raise ValueError(f"collate_pairs: {len(weights)} weights for {len(pairs)} pairs.")
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    length = max(len(a) + len(b) for a, b in rows)
-    n = len(rows)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    loss_mask = torch.zeros((n, length), dtype=torch.long)
-    for i, (prompt, completion) in enumerate(rows):
-        seq = prompt + completion
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        attention_mask[i, :len(seq)] = 1
-        loss_mask[i, len(prompt):len(seq)] = 1
+    input_ids, attention_mask, loss_mask = pad_sequences(rows, pad_id)
+    n, length = input_ids.shape
     weight = torch.tensor(weights if weights is not None else [1.0] * len(pairs), dtype=torch.float32)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
              "pair_weight": weight, "num_pairs": len(pairs)}

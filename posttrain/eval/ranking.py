@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from posttrain.data.collate import pad_sequences
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.eval.metrics import TIE_THRESHOLD, normalised_ranking_correct, ranking_correct
 
@@ -203,16 +204,8 @@ def shared_rows(pairs: list[TokenizedPair], pad_id: int, attention: str = "sdpa"
 
 def separate_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     """One row per (prompt, completion) sequence, right-padded, with the usual 2-D mask."""
-    width = max(len(a) + len(b) for a, b in sequences)
-    n = len(sequences)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    loss_mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (prompt, completion) in enumerate(sequences):
-        seq = prompt + completion
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        attention_mask[i, :len(seq)] = 1
-        loss_mask[i, len(prompt):len(seq)] = 1
+    input_ids, attention_mask, loss_mask = pad_sequences(sequences, pad_id)
+    n, width = input_ids.shape
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
             "real_tokens": int(attention_mask.sum()), "total_positions": n * width}
 
