@@ -1,11 +1,14 @@
-"""Checkpoints that survive a kill at any moment.
+"""Checkpoints that survive a kill at any moment and resume on any number of processes.
 
 Layout: <output_dir>/checkpoints/step-00000010/ with
-  adapter/                 LoRA adapter in peft format (safetensors), or model.safetensors without LoRA
-  optimizer.pt, scheduler.pt, rng.pt   read back with torch.load(weights_only=True)
-  trainer_state.json       step, data position, recipe, metrics so far
-A checkpoint is written to a temporary directory and renamed into place: a directory named
-`step-*` is complete, whatever moment the process died at. Only one process writes.
+  adapter/                      LoRA adapter in peft format (safetensors), or model.safetensors without LoRA
+  trainable_state.safetensors   whole trainable parameters (LoRA) and optimiser state, keyed by
+  trainable_state.json          parameter name, with the scalars: see posttrain.distributed
+  scheduler.pt, rng.pt          read back with torch.load(weights_only=True)
+  trainer_state.json            step, data position, recipe, metrics so far
+Nothing in it depends on the number of processes or the backend that wrote it. A checkpoint is
+written to a temporary directory and renamed into place: a directory named `step-*` is complete,
+whatever moment the process died at. Only one process writes.
 
 Test hooks (environment): POSTTRAIN_KILL_AFTER_CHECKPOINT=k sends SIGKILL to the process right after
 checkpoint k is complete; POSTTRAIN_KILL_BEFORE_RENAME=k does so after its files are written but
@@ -51,35 +54,23 @@ def save_trainable(model, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
 
 
-def load_trainable(model, directory: Path) -> None:
-    from safetensors.torch import load_file
+def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[dict, dict], scheduler, rng: dict,
+                    state: dict, keep_last: int) -> Path:
+    """Write checkpoint `step` (see the module docstring); `training_state` is the (tensors, meta) of
+    posttrain.distributed.gather_training_state."""
+    from safetensors.torch import save_file
 
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        state = load_file(str(directory / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(model, state, adapter_name="default")
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"checkpoint {directory} holds weights this model does not have: {unexpected[:5]}")
-    else:
-        state = {}
-        for file in sorted(directory.glob("*.safetensors")):
-            state.update(load_file(str(file)))
-        model.load_state_dict(state, strict=False)
-
-
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, rng: dict, state: dict,
-                    keep_last: int) -> Path:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_trainable(model, tmp / "adapter")
-    if optimizer is not None:  # None under DeepSpeed, whose optimiser state is sharded (not yet gathered)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    tensors, meta = training_state
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable_state.safetensors"))
+    (tmp / "trainable_state.json").write_text(json.dumps(meta, indent=1))
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_plain_rng(rng), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -92,6 +83,19 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, rn
     for stale in older[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
     _maybe_kill("POSTTRAIN_KILL_AFTER_CHECKPOINT", step)
+    return final
+
+
+def save_final(model, tokenizer, output_dir: Path) -> Path:
+    """<output_dir>/final: the trained adapter (or model) and tokenizer, renamed into place whole."""
+    final = Path(output_dir) / "final"
+    tmp = Path(output_dir) / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_trainable(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     return final
 
 
@@ -124,15 +128,23 @@ def restore_rng(saved: dict) -> None:
     torch.set_rng_state(saved["torch"])
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    load_trainable(model, path / "adapter")
-    if not (path / "optimizer.pt").is_file():
-        from posttrain.errors import PosttrainError
+def read_checkpoint(path: Path, scheduler) -> tuple[dict, dict, dict]:
+    """(tensors, meta, trainer state) of checkpoint `path`, with the scheduler and RNG restored. The
+    tensors hold every trainable parameter under `param/<name>`, also for full fine-tuning (read from
+    adapter/), so that posttrain.distributed.restore_training_state puts everything back in one place."""
+    from safetensors.torch import load_file
 
-        raise PosttrainError(f"{path} holds no optimiser state (it was written under DeepSpeed, whose sharded "
-                             f"optimiser state posttrain does not gather yet), so training cannot resume exactly "
-                             f"from it. Its adapter ({path / 'adapter'}) can start a new run via lora.init_adapter.")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    from posttrain.errors import PosttrainError
+
+    if not (path / "trainable_state.json").is_file():
+        raise PosttrainError(f"{path} holds no trainable_state.json (it was written by an earlier posttrain "
+                             f"version), so training cannot resume exactly from it. Its adapter "
+                             f"({path / 'adapter'}) can start a new run via lora.init_adapter.")
+    tensors = load_file(str(path / "trainable_state.safetensors"))
+    meta = json.loads((path / "trainable_state.json").read_text())
+    if not any(k.startswith("param/") for k in tensors):
+        for file in sorted((path / "adapter").glob("*.safetensors")):
+            tensors.update({f"param/{k}": v for k, v in load_file(str(file)).items()})
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     restore_rng(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text())
+    return tensors, meta, json.loads((path / "trainer_state.json").read_text())

@@ -107,6 +107,8 @@ class TrainConfig:
     bf16: bool = False  # autocast to bfloat16 for the forward passes
     shuffle: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient norm stops the run or skips the step
+    # Checked before training against the largest micro-batch the plan builds (sequences x padded length).
+    max_tokens_per_micro_batch: Optional[int] = None
 
 
 @dataclass
@@ -282,6 +284,8 @@ def _check_ranges(recipe: Recipe) -> None:
         (0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}."),
         (t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}."),
         (t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm must be positive or null."),
+        (t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= 1,
+         f"train.max_tokens_per_micro_batch must be positive or null, got {t.max_tokens_per_micro_batch}."),
         (len(t.adam_betas) == 2, f"train.adam_betas must hold two numbers, got {t.adam_betas}."),
         (recipe.data.max_length >= 2, f"data.max_length must be at least 2, got {recipe.data.max_length}."),
         (recipe.lora.r >= 1, f"lora.r must be at least 1, got {recipe.lora.r}."),

@@ -37,19 +37,38 @@ def make_accelerator(gradient_accumulation_steps: int, timeout_s: float | None =
             f"or unset WORLD_SIZE for a single-process run."
         )
     kwargs = []
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     if world > 1:
         # Without an explicit gloo backend on CPU, each process would quietly train alone.
-        backend = "gloo" if not torch.cuda.is_available() else None
-        kwargs.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
+        kwargs.append(InitProcessGroupKwargs(backend="gloo" if on_cpu else None, timeout=timeout))
+    if deepspeed and on_cpu:
+        _skip_deepspeed_shm_build()
     plugin = GradientAccumulationPlugin(num_steps=gradient_accumulation_steps, sync_with_dataloader=False)
-    accelerator = Accelerator(gradient_accumulation_plugin=plugin, kwargs_handlers=kwargs)
-    if world > 1 and accelerator.num_processes == 1:
+    # `--multi_gpu` on a CPU-only machine leaves accelerate's distributed type at NO: the process group
+    # exists, but the model is not wrapped in DDP, gradients are never averaged and metrics never
+    # reduced. cpu=True makes it MULTI_CPU (DeepSpeed runs set their own type).
+    accelerator = Accelerator(gradient_accumulation_plugin=plugin, kwargs_handlers=kwargs,
+                              cpu=world > 1 and on_cpu and not deepspeed)
+    alone = accelerator.num_processes == 1 or str(getattr(accelerator, "distributed_type", "")) == "DistributedType.NO"
+    if world > 1 and alone:
         raise PosttrainError(
             f"WORLD_SIZE={world} but accelerate set up a single process, so this process would train alone on "
             f"its own copy. Launch with `accelerate launch --multi_gpu --num_processes {world} -m posttrain train ...` "
             f"(or --use_deepspeed), or unset WORLD_SIZE for a single-process run."
         )
     return accelerator
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """On CPU, DeepSpeed compiles a shared-memory all-reduce with the C++ compiler the first time a
+    process group starts (about a minute, on every fresh machine). gloo does the same job, so
+    posttrain marks the op unavailable unless POSTTRAIN_DEEPSPEED_SHM=1 asks for it."""
+    if os.environ.get("POSTTRAIN_DEEPSPEED_SHM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def seed_everything(seed: int, num_threads: int | None = None, deterministic: bool = False) -> None:

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import checkpoint as ckpt
+from posttrain import distributed
 from posttrain.config import Recipe, recipe_to_dict
 from posttrain.core import Normaliser, PolicyLogProbs
 from posttrain.data.collate import collate_pairs
@@ -60,13 +61,17 @@ class StepPlan:
         return order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
 
 
-def shard_for_rank(indices: list[int], rank: int, world: int, micro_batch_size: int) -> list[list[Optional[int]]]:
+def shard_for_rank(indices: list[int], rank: int, world: int, micro_batch_size: int,
+                   micro_batches: int = 0) -> list[list[Optional[int]]]:
     """This process's micro-batches of one step. Every process gets the same number of micro-batches
-    and rows; `None` rows (only in a short last step) are zero-weight fillers."""
+    and rows; `None` rows (only in a short last step) are zero-weight fillers. With `micro_batches`,
+    a short step is padded with one-row filler micro-batches to that many: accelerate (and DeepSpeed
+    through it) counts micro-batches to decide when to update, so every step must have the same."""
     per_rank = math.ceil(len(indices) / world) if indices else 0
     mine: list[Optional[int]] = list(indices[rank::world])
     mine += [None] * (per_rank - len(mine))
-    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    shards = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    return shards + [[None]] * (micro_batches - len(shards))
 
 
 def micro_batches_per_step(batch_size: int, world: int, micro_batch_size: int) -> int:
@@ -123,6 +128,7 @@ class Trainer:
         self.plan = StepPlan(len(self.train_pairs), t.batch_size, t.epochs, r.run.seed, t.shuffle, t.max_steps)
         self.n_micro = micro_batches_per_step(t.batch_size, self.world, t.micro_batch_size)
         acc.gradient_accumulation_steps = self.n_micro
+        self._preflight()
         self.model = PolicyLogProbs(self.policy)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if t.optimizer == "adamw":
@@ -238,12 +244,12 @@ class Trainer:
         loss_sum, weight_sum, tokens = 0.0, 0.0, 0
         metric_sums: dict[str, float] = {}  # per-pair metrics, weighted by pair_weight
         part_sums: dict[str, float] = {}  # globally normalised loss components
-        for rows in shard_for_rank(indices, self.rank, self.world, self.recipe.train.micro_batch_size):
+        for rows in shard_for_rank(indices, self.rank, self.world, self.recipe.train.micro_batch_size, self.n_micro):
             pairs = [self.train_pairs[i if i is not None else 0] for i in rows]
             batch = collate_pairs(pairs, self.pad_id, [0.0 if i is None else 1.0 for i in rows])
             tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                           for p, i in zip(pairs, rows) if i is not None)
-            with acc.accumulate(self.model):
+            with acc.accumulate(self.model), self._reporting_out_of_memory(step, rows, pairs):
                 inputs = self._loss_inputs(rows, batch, normaliser)
                 out = self.loss(inputs)
                 acc.backward(out.loss * scale)
@@ -317,34 +323,50 @@ class Trainer:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def save(self, step: int, history: dict, final: bool = False) -> None:
+        """Checkpoint `step` (and `final/`), the same whatever the number of processes: every process
+        takes part in gathering the trainable parameters and optimiser state, one writes them."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        optimizer = None if acc.state.deepspeed_plugin is not None else getattr(self.optimizer, "optimizer",
-                                                                               self.optimizer)
+        training_state = distributed.gather_training_state(self, with_parameters=self.recipe.lora.enabled)
         with self._gathered_trainable():
             if acc.is_main_process:
-                ckpt.save_checkpoint(self.output_dir, step, self.peft_model, optimizer, self.scheduler, rng_state(),
-                                     self._trainer_state(step, history), self.recipe.checkpoint.keep_last)
+                ckpt.save_checkpoint(self.output_dir, step, self.peft_model, training_state, self.scheduler,
+                                     rng_state(), self._trainer_state(step, history), self.recipe.checkpoint.keep_last)
                 if final:
-                    ckpt.save_trainable(self.peft_model, self.output_dir / "final")
-                    self.tokenizer.save_pretrained(self.output_dir / "final")
+                    ckpt.save_final(self.peft_model, self.tokenizer, self.output_dir)
         acc.wait_for_everyone()
 
     def _try_resume(self) -> tuple[int, dict]:
         path = ckpt.latest_checkpoint(self.output_dir)
         if path is None:
             self.log.warning("--resume: no complete checkpoint in %s; starting from step 0", self.output_dir)
+            self.metrics.truncate_after(0)
             return 0, {}
         saved = json.loads((path / "trainer_state.json").read_text())
-        differences = _recipe_differences(saved["recipe"], recipe_to_dict(self.recipe))
+        differences = [key for key in _recipe_differences(saved["recipe"], recipe_to_dict(self.recipe))
+                       if key != "run.output_dir"]  # a run directory moved or copied elsewhere resumes there
         if differences and not self.force:
             raise PosttrainError(f"cannot resume from {path}: the recipe differs from the checkpoint's in "
                                  f"{', '.join(differences)}. Restore those values, or pass --force to resume anyway.")
-        optimizer = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        state = ckpt.load_checkpoint(path, self.peft_model, optimizer, self.scheduler)
-        self.log.info("resumed from %s (step %d)", path, state["step"])
+        tensors, meta, state = ckpt.read_checkpoint(path, self.scheduler)
+        distributed.restore_training_state(self, tensors, meta)
+        self.log.info("resumed from %s (step %d, written by %d process%s)", path, state["step"],
+                      state.get("world_size", 1), "es" if state.get("world_size", 1) > 1 else "")
         self.metrics.truncate_after(state["step"])
         return state["step"], state.get("history", {})
+
+    def _preflight(self) -> None:
+        """Checks and test probes that run once, before any model work (posttrain.distributed)."""
+        distributed.check_micro_batch_memory(self)
+        distributed.install_step_probe(self)
+
+    @contextlib.contextmanager
+    def _reporting_out_of_memory(self, step: int, rows: list[Optional[int]], pairs: list[TokenizedPair]):
+        """An out-of-memory error in a micro-batch, reported with that batch's size and rows."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise PosttrainError(distributed.out_of_memory_message(step, pairs, rows)) from None
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:

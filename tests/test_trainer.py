@@ -68,6 +68,25 @@ def test_shards_cover_every_pair_once_with_zero_weight_fillers():
     assert sorted(flat) == indices
     assert [len(s) for s in shards] == [2, 2]  # the same number of micro-batches on every process
     assert sum(i is None for s in shards for mb in s for i in mb) == 1
+    # A short step is padded to the full step's number of micro-batches with one-row fillers.
+    assert shard_for_rank([5], 1, 2, 2, micro_batches=2) == [[None], [None]]
+    assert shard_for_rank([5], 0, 2, 2, micro_batches=2) == [[5], [None]]
+
+
+def test_a_short_last_step_still_updates_and_leaves_no_gradient_behind(tiny_model_dir, tmp_path):
+    """5 pairs in steps of 4 with micro-batches of 2: the one-pair last step of the epoch has one real
+    micro-batch where a full step has two; accelerate counts micro-batches, so without filler
+    micro-batches that step would not update and its gradient would leak into the next one."""
+    data = write_varied_pairs(tmp_path / "five.jsonl", n=5)
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", data={"train": {"path": str(data)}, "heldout": None},
+                      train={"batch_size": 4, "micro_batch_size": 2, "shuffle": False, "optimizer": "sgd", "lr": 1.0})
+    trainer = Trainer(recipe_from(raw))
+    trainer.setup()
+    trainer.train_step(0)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train_step(1)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    assert all(p.grad is None for p in trainer.model.parameters())
 
 
 def test_dpo_trains_the_tiny_task_and_records_the_run(tiny_model_dir, tmp_path):

@@ -1,0 +1,251 @@
+"""Training state that does not depend on how many processes hold it.
+
+A checkpoint must resume on any number of processes and under any backend (one process, DDP,
+ZeRO-1/2/3), so posttrain never writes an optimiser's own state_dict: that is keyed by position,
+and under DeepSpeed each process holds only its partition of a flat fp32 buffer. Instead, for
+every trainable parameter *name*, the whole parameter and its whole optimiser state tensors
+(`exp_avg`, `exp_avg_sq`, `momentum_buffer`) are gathered, and one process writes them as
+safetensors, with the scalars (Adam's `step`) and the parameter-group hyperparameters as JSON.
+Restoring is the reverse: every process reads the files and hands its engine the whole tensors;
+DeepSpeed keeps its own partition of them.
+
+Under DeepSpeed the gathers (`safe_get_full_*`) are collectives: every process must call these
+functions, for the same parameters in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+PARAM_KEY = "param"  # safetensors key prefix of the parameter values themselves
+
+
+def zero_stage(accelerator) -> Optional[int]:
+    """The DeepSpeed ZeRO stage of this run, or None without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+def named_trainable(peft_model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every trainable parameter; the names are those of the unwrapped model, so
+    they are the same whatever wraps it (DDP, a DeepSpeed engine) and however many processes run."""
+    return [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
+
+
+def _deepspeed_optimizers(model):
+    """(DeepSpeed's ZeRO optimiser, the torch optimiser inside it that steps the flat fp32 partitions)."""
+    zero_optimizer = model.optimizer  # `model` is the DeepSpeedEngine accelerate returned
+    return zero_optimizer, zero_optimizer.optimizer
+
+
+def _first_state(optimizer) -> dict:
+    return next(iter(optimizer.state.values()), {})
+
+
+def _split_state(entry: dict) -> tuple[list[str], dict[str, float]]:
+    """The tensor-valued keys of one parameter's optimiser state, and its scalars (`step`)."""
+    tensors = sorted(k for k, v in entry.items() if torch.is_tensor(v) and v.dim() > 0)
+    scalars = {k: float(v) for k, v in entry.items()
+               if (torch.is_tensor(v) and v.dim() == 0) or isinstance(v, (int, float))}
+    return tensors, scalars
+
+
+def _group_hyperparameters(optimizer) -> list[dict]:
+    return [{k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, list, tuple))}
+            for group in optimizer.param_groups]
+
+
+def gather_training_state(trainer, with_parameters: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Whole trainable parameters (if asked) and optimiser state, keyed `<kind>/<parameter name>`,
+    plus the JSON-able rest. A collective under DeepSpeed: every process calls it; all get the result."""
+    stage = zero_stage(trainer.accelerator)
+    params = named_trainable(trainer.peft_model)
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, float]] = {}
+    if stage is None:
+        optimizer = trainer.scheduler.optimizer  # the torch optimiser itself, under DDP too
+        for name, p in params:
+            if with_parameters:
+                tensors[f"{PARAM_KEY}/{name}"] = p.detach().cpu().clone()
+            keys, scalars[name] = _split_state(optimizer.state.get(p, {}))
+            for key in keys:
+                tensors[f"{key}/{name}"] = optimizer.state[p][key].detach().cpu().clone()
+    else:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        _, inner = _deepspeed_optimizers(trainer.model)
+        keys, step_scalars = _split_state(_first_state(inner))  # one flat buffer per group: same for all
+        for name, p in params:
+            if with_parameters:
+                tensors[f"{PARAM_KEY}/{name}"] = safe_get_full_fp32_param(p).detach().cpu().clone()
+            for key in keys:
+                tensors[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).detach().cpu().clone()
+            scalars[name] = dict(step_scalars)
+    meta = {"scalars": scalars, "param_groups": _group_hyperparameters(trainer.scheduler.optimizer),
+            "world_size": trainer.world, "zero_stage": stage}
+    return tensors, meta
+
+
+def restore_training_state(trainer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load what `gather_training_state` wrote into this run's model and optimiser, whatever the
+    number of processes or the backend it was written under. Every process calls it."""
+    stage = zero_stage(trainer.accelerator)
+    params = named_trainable(trainer.peft_model)
+    missing = [name for name, _ in params if name not in meta["scalars"]]
+    if missing:
+        from posttrain.errors import PosttrainError
+
+        raise PosttrainError(f"the checkpoint has no state for {len(missing)} trainable parameters of this model "
+                             f"(e.g. {missing[0]}): it was written for a different model or LoRA set-up.")
+    keys = sorted({k.split("/", 1)[0] for k in tensors} - {PARAM_KEY})
+    for group, saved in zip(trainer.scheduler.optimizer.param_groups, meta["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k in group})
+    if stage is None:
+        optimizer = trainer.scheduler.optimizer
+        for name, p in params:
+            if f"{PARAM_KEY}/{name}" in tensors:
+                p.data.copy_(tensors[f"{PARAM_KEY}/{name}"])
+            entry = {key: tensors[f"{key}/{name}"].to(p.dtype).clone() for key in keys}
+            entry.update({k: torch.tensor(v, dtype=torch.float32) for k, v in meta["scalars"][name].items()})
+            if entry:
+                optimizer.state[p] = entry
+        return
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero_optimizer, inner = _deepspeed_optimizers(trainer.model)
+    step_scalars = meta["scalars"][params[0][0]] if params else {}
+    flat_partitions = (zero_optimizer.fp32_partitioned_groups_flat if stage == 3
+                       else zero_optimizer.single_partition_of_fp32_groups)
+    for flat in flat_partitions if keys or step_scalars else []:  # torch creates state lazily, at the first step
+        entry = inner.state.setdefault(flat, {})
+        for key in keys:
+            entry.setdefault(key, torch.zeros_like(flat))
+        entry.update({k: torch.tensor(v, dtype=torch.float32) for k, v in step_scalars.items()})
+    if stage < 3 and keys:
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()  # point each parameter at its state fragment
+    with _gathered(params, stage, modifier_rank=0):  # the copies the forward pass uses
+        if stage < 3 or trainer.accelerator.is_main_process:
+            for name, p in params:
+                if f"{PARAM_KEY}/{name}" in tensors:
+                    p.data.copy_(tensors[f"{PARAM_KEY}/{name}"])
+    for name, p in params:  # DeepSpeed's fp32 master copies and optimiser state
+        if f"{PARAM_KEY}/{name}" in tensors:
+            safe_set_full_fp32_param(p, tensors[f"{PARAM_KEY}/{name}"].float())
+        for key in keys:
+            safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].float(), key)
+
+
+def _gathered(params, stage: Optional[int], modifier_rank: Optional[int] = None):
+    if stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=modifier_rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# Test probe: POSTTRAIN_STEP_PROBE=<dir> makes every process append, after each optimiser step, the
+# pair indices it trained on and a hash of its copy of the trainable parameters to
+# <dir>/rank-<r>.jsonl. Off (not even wrapped) unless the variable is set.
+
+
+def install_step_probe(trainer) -> None:
+    directory = os.environ.get("POSTTRAIN_STEP_PROBE")
+    if not directory:
+        return
+    from posttrain.trainer import shard_for_rank
+
+    path = Path(directory) / f"rank-{trainer.rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    train_step = trainer.train_step
+
+    def probed(step: int) -> dict:
+        record = train_step(step)
+        shard = shard_for_rank(trainer.plan.indices(step), trainer.rank, trainer.world,
+                               trainer.recipe.train.micro_batch_size, trainer.n_micro)
+        digest = hashlib.sha256()
+        params = named_trainable(trainer.peft_model)
+        with _gathered(params, zero_stage(trainer.accelerator)):
+            for name, p in params:
+                digest.update(name.encode())
+                digest.update(p.detach().cpu().double().numpy().tobytes())
+        with path.open("a") as handle:
+            handle.write(json.dumps({"step": step + 1, "rank": trainer.rank, "world": trainer.world,
+                                     "rows": shard, "params_sha256": digest.hexdigest(),
+                                     "loss": record["loss"]}) + "\n")
+        return record
+
+    trainer.train_step = probed
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: a pre-flight check of the largest micro-batch, and what an out-of-memory error reports.
+
+
+def micro_batch_tokens(pairs) -> tuple[int, int]:
+    """(sequences, padded length) of the micro-batch `collate_pairs` builds from these pairs."""
+    length = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    return 2 * len(pairs), length
+
+
+def largest_micro_batch(trainer) -> tuple[int, int, int, int]:
+    """(tokens, step, sequences, padded length) of the largest micro-batch any process will build
+    over the whole plan (filler rows repeat pair 0 and count too: they take memory)."""
+    from posttrain.trainer import shard_for_rank
+
+    best = (0, 0, 0, 0)
+    t = trainer.recipe.train
+    for step in range(trainer.plan.total_steps):
+        indices = trainer.plan.indices(step)
+        for rank in range(trainer.world):
+            for rows in shard_for_rank(indices, rank, trainer.world, t.micro_batch_size):
+                sequences, length = micro_batch_tokens([trainer.train_pairs[i if i is not None else 0] for i in rows])
+                if sequences * length > best[0]:
+                    best = (sequences * length, step, sequences, length)
+    return best
+
+
+def check_micro_batch_memory(trainer) -> None:
+    """Refuse, before any model work, a plan whose largest micro-batch exceeds
+    `train.max_tokens_per_micro_batch`, saying which micro_batch_size or max_length would fit."""
+    limit = trainer.recipe.train.max_tokens_per_micro_batch
+    if limit is None or not trainer.train_pairs:
+        return
+    tokens, step, sequences, length = largest_micro_batch(trainer)
+    if tokens <= limit:
+        return
+    from posttrain.errors import PosttrainError
+
+    t, d = trainer.recipe.train, trainer.recipe.data
+    fitting_micro = limit // (2 * length)
+    fitting_length = limit // (2 * t.micro_batch_size)
+    options = []
+    if fitting_micro >= 1:
+        options.append(f"train.micro_batch_size: {fitting_micro} (accumulation grows; the optimiser step keeps "
+                       f"its {t.batch_size} pairs)")
+    if fitting_length >= 2:
+        options.append(f"data.max_length: {fitting_length} (now {d.max_length}; longer rows are then truncated)")
+    options.append(f"train.max_tokens_per_micro_batch: {tokens} if this machine has the memory")
+    raise PosttrainError(f"the largest micro-batch of this run (step {step + 1}: {sequences} sequences padded to "
+                         f"{length} tokens = {tokens} tokens) exceeds train.max_tokens_per_micro_batch={limit}. "
+                         f"Set {'; or '.join(options)}.")
+
+
+def out_of_memory_message(step: int, pairs, rows: list[Optional[int]]) -> str:
+    sequences, length = micro_batch_tokens(pairs)
+    where = ", ".join(f"{p.source} row {p.row}" for p, i in zip(pairs, rows) if i is not None)
+    return (f"step {step + 1}: out of memory in a micro-batch of {len(pairs)} pairs ({sequences} sequences padded "
+            f"to {length} tokens = {sequences * length} tokens; {where or 'filler rows only'}). Lower "
+            f"train.micro_batch_size (the optimiser step keeps its size; accumulation grows) or data.max_length, "
+            f"and set train.max_tokens_per_micro_batch to {sequences * length // 2} or less to have every "
+            f"micro-batch checked before training.")
+
