@@ -279,6 +279,11 @@ class Trainer:
             if self.recipe.train.on_nonfinite == "stop":
                 raise PosttrainError(message + " Stopping: lower train.lr, check those rows, or set "
                                                "train.on_nonfinite: skip to skip such steps.")
+            if distributed.zero_stage(acc) is not None:
+                raise PosttrainError(message + " Stopping although train.on_nonfinite is skip: under DeepSpeed "
+                                               "the engine applies the update inside the last backward pass, so "
+                                               "this step cannot be skipped. Lower train.lr or check those rows, "
+                                               "and resume from the last checkpoint.")
             self.log.warning("%s Skipping the update (train.on_nonfinite: skip).", message)
             self.optimizer.zero_grad(set_to_none=True)
             record["skipped"] = 1.0

@@ -281,3 +281,73 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(launcher, tin
         assert "resumed from" in result.stderr
     _assert_same_trajectory(run, reference, 1e-9)
     _assert_same_adapter(run, reference, atol=1e-9)
+
+
+NAN_ON_SECOND_PROCESS = '''
+import os
+
+from posttrain.losses import LossOutput
+from posttrain.losses.dpo import DPOLoss
+
+
+class NaNOnSecondProcess(DPOLoss):
+    """DPO whose loss is NaN on process 1 only, in optimiser step 2 (one micro-batch per step)."""
+
+    calls = 0
+
+    def __call__(self, inputs):
+        out = super().__call__(inputs)
+        NaNOnSecondProcess.calls += 1
+        if os.environ.get("RANK") == "1" and NaNOnSecondProcess.calls == 2:
+            return LossOutput(out.loss * float("nan"), out.metrics, out.parts)
+        return out
+'''
+
+
+def _nan_recipe(tiny_model_dir, data_file, workdir, name: str) -> Path:
+    (workdir / "nan_loss.py").write_text(NAN_ON_SECOND_PROCESS)
+    raw = _raw(tiny_model_dir, data_file, workdir / name, "sgd", on_nonfinite="skip", max_steps=3)
+    raw["loss"] = {"name": "nan_loss:NaNOnSecondProcess", "params": {"beta": 0.1}}
+    return _write_recipe(raw, workdir / f"{name}.yaml")
+
+
+def test_a_nan_on_one_process_skips_the_step_on_every_process(tiny_model_dir, data_file, workdir):
+    probe = workdir / "nan-ddp-probe"
+    _launch("ddp", _nan_recipe(tiny_model_dir, data_file, workdir, "nan-ddp"), POSTTRAIN_STEP_PROBE=str(probe))
+    steps = _steps(workdir / "nan-ddp")
+    assert [steps[s].get("skipped") for s in (1, 2, 3)] == [None, 1.0, None]
+    ranks = [_probe(probe, 0), _probe(probe, 1)]
+    hashes = [[line["params_sha256"] for line in r] for r in ranks]
+    assert hashes[0] == hashes[1]  # both processes decided alike
+    assert hashes[0][1] == hashes[0][0] != hashes[0][2]  # step 2 changed nothing, step 3 trained again
+
+
+def test_a_nan_on_one_process_stops_every_process_under_deepspeed(tiny_model_dir, data_file, workdir):
+    result = subprocess.run(_launch_command("zero2", _nan_recipe(tiny_model_dir, data_file, workdir, "nan-zero2")),
+                            capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert result.returncode != 0
+    for where in ("posttrain error: step 2: the loss is nan", "posttrain error (process 1): step 2: the loss is nan"):
+        assert where in result.stderr, result.stderr[-3000:]
+    assert "cannot be skipped" in result.stderr
+    assert "posttrain/trainer.py" not in result.stderr  # the processes print no traceback
+    assert not (workdir / "nan-zero2" / "final").exists()
+
+
+def test_a_kill_between_writing_and_renaming_a_checkpoint_resumes_from_the_one_before(
+        tiny_model_dir, data_file, workdir, adam_reference):
+    run = workdir / "killed-before-rename"
+    recipe = _write_recipe(_raw(tiny_model_dir, data_file, run, "adamw"), workdir / "killed-before-rename.yaml")
+    command = [sys.executable, "-m", "posttrain", "train", str(recipe)]
+    killed = subprocess.run(command, capture_output=True, text=True, env=_env(POSTTRAIN_KILL_BEFORE_RENAME="4"),
+                            cwd=ROOT, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["step-00000002"]
+    assert [p for p in root.iterdir() if p.name.startswith(".tmp-step-00000004")]  # written, never renamed
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=_env(), cwd=ROOT,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-00000002 (step 2" in resumed.stderr
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
+    _assert_same_trajectory(run, adam_reference, 1e-12)
+    _assert_same_adapter(run, adam_reference, atol=1e-12)
