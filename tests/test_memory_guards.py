@@ -1,0 +1,77 @@
+"""Memory: a micro-batch token limit checked before training, saying what would fit, and an
+out-of-memory error in a step reported with that micro-batch's size and rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import recipe_from, tiny_recipe, write_varied_pairs
+from posttrain import cli
+from posttrain import trainer as trainer_module
+from posttrain.errors import PosttrainError
+from posttrain.trainer import Trainer
+
+
+def _raw(tiny_model_dir, tmp_path, **train):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_varied_pairs(tmp_path / "varied.jsonl", n=12)
+    return tiny_recipe(tiny_model_dir, tmp_path / "run", data={"train": {"path": str(data)}, "heldout": None},
+                       train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 3, **train},
+                       logging={"progress_bar": False, "tensorboard": False})
+
+
+def _largest_collated_batch(raw, monkeypatch) -> int:
+    """The largest input_ids tensor the trainer really builds over the run."""
+    sizes = []
+    real = trainer_module.collate_pairs
+
+    def recording(*args, **kwargs):
+        batch = real(*args, **kwargs)
+        sizes.append(batch["input_ids"].numel())
+        return batch
+
+    monkeypatch.setattr(trainer_module, "collate_pairs", recording)
+    Trainer(recipe_from(raw)).train()
+    return max(sizes)
+
+
+def test_the_token_limit_is_checked_before_training_and_names_what_fits(tiny_model_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    largest = _largest_collated_batch(_raw(tiny_model_dir, tmp_path / "measured"), monkeypatch)
+    limit = largest - 1
+    raw = _raw(tiny_model_dir, tmp_path, max_tokens_per_micro_batch=limit)
+    recipe = tmp_path / "r.yaml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(raw))
+    assert cli.main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    [message] = [line for line in err.splitlines() if line.startswith("posttrain error")]  # one paragraph
+    assert message.startswith("posttrain error: the largest micro-batch") and "Traceback" not in err
+    assert f"= {largest} tokens) exceeds train.max_tokens_per_micro_batch={limit}" in message
+    assert not (tmp_path / "run").exists()  # nothing written
+    suggested = int(message.split("train.micro_batch_size: ")[1].split()[0])
+    assert 1 <= suggested < 4
+    fitting = _raw(tiny_model_dir, tmp_path / "fits", max_tokens_per_micro_batch=limit, micro_batch_size=suggested)
+    Trainer(recipe_from(fitting)).train()  # the suggestion does fit
+    assert (tmp_path / "fits" / "run" / "final").is_dir()
+
+
+def test_out_of_memory_in_a_step_names_the_micro_batch(tiny_model_dir, tmp_path):
+    trainer = Trainer(recipe_from(_raw(tiny_model_dir, tmp_path, shuffle=False)))
+    trainer.setup()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated: tried to allocate 20.00 GiB")
+
+    trainer.model.forward = out_of_memory
+    with pytest.raises(PosttrainError) as info:
+        trainer.train_step(0)
+    pairs = trainer.train_pairs[:4]
+    length = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    message = str(info.value)
+    assert message.startswith("step 1: out of memory in a micro-batch of 4 pairs")
+    assert f"8 sequences padded to {length} tokens = {8 * length} tokens" in message
+    assert "varied.jsonl row 1" in message and "varied.jsonl row 4" in message
+    assert "train.micro_batch_size" in message and "train.max_tokens_per_micro_batch" in message
