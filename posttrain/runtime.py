@@ -50,6 +50,11 @@ def make_accelerator(gradient_accumulation_steps: int, timeout_s: float | None =
     # reduced. cpu=True makes it MULTI_CPU (DeepSpeed runs set their own type).
     accelerator = Accelerator(gradient_accumulation_plugin=plugin, kwargs_handlers=kwargs,
                               cpu=world > 1 and on_cpu and not deepspeed)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        # posttrain hands DeepSpeed a torch optimiser; with offload DeepSpeed refuses it unless told
+        # (its own CPU Adam would be a C++ compile). A user's DeepSpeed config file may still say otherwise.
+        plugin.deepspeed_config.setdefault("zero_force_ds_cpu_optimizer", False)
     alone = accelerator.num_processes == 1 or str(getattr(accelerator, "distributed_type", "")) == "DistributedType.NO"
     if world > 1 and alone:
         raise PosttrainError(
