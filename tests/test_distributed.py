@@ -84,10 +84,16 @@ def _env(**extra: str) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "POSTTRAIN_PG_TIMEOUT": "30", **extra}
 
 
+def _failure(stderr: str) -> str:
+    """The error lines of every process, then the end of the output."""
+    errors = [line for line in stderr.splitlines() if "Error" in line or "error" in line]
+    return "\n".join(errors[-30:]) + "\n...\n" + stderr[-2000:]
+
+
 def _launch(backend: str, recipe: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
     result = subprocess.run(_launch_command(backend, recipe, *extra), capture_output=True, text=True,
                             env=_env(**env), cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, _failure(result.stderr)
     assert "built successfully" not in result.stdout + result.stderr  # DeepSpeed compiled nothing
     return result
 
