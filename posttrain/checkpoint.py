@@ -6,9 +6,13 @@ Layout: <output_dir>/checkpoints/step-00000010/ with
   trainable_state.json          parameter name, with the scalars: see posttrain.distributed
   scheduler.pt, rng.pt          read back with torch.load(weights_only=True)
   trainer_state.json            step, data position, recipe, metrics so far
-Nothing in it depends on the number of processes or the backend that wrote it. A checkpoint is
+Nothing in it depends on the number of processes or the backend that wrote it. The exception is
+full fine-tuning under DeepSpeed: there each process writes its own partition in DeepSpeed's format
+(deepspeed/, no adapter/ or safetensors), resumable only with the same ZeRO stage and number of
+processes, and loaded only from the run's own checkpoints (DeepSpeed unpickles it with
+weights_only=False). A checkpoint is
 written to a temporary directory and renamed into place: a directory named `step-*` is complete,
-whatever moment the process died at. Only one process writes.
+whatever moment the process died at. Only one process writes (apart from deepspeed/).
 
 Test hooks (environment): POSTTRAIN_KILL_AFTER_CHECKPOINT=k sends SIGKILL to the process right after
 checkpoint k is complete; POSTTRAIN_KILL_BEFORE_RENAME=k does so after its files are written but
@@ -54,22 +58,36 @@ def save_trainable(model, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
 
 
-def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[dict, dict], scheduler, rng: dict,
-                    state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` (see the module docstring); `training_state` is the (tensors, meta) of
-    posttrain.distributed.gather_training_state."""
-    from safetensors.torch import save_file
+def staging_dir(output_dir: Path, step: int) -> Path:
+    """Where checkpoint `step` is written before its rename (the same path on every process)."""
+    return checkpoint_root(output_dir) / f".tmp-{PREFIX}{step:08d}"
 
+
+def prepare_staging(output_dir: Path, step: int) -> Path:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed while writing
         shutil.rmtree(stale, ignore_errors=True)
+    staging = staging_dir(output_dir, step)
+    staging.mkdir()
+    return staging
+
+
+def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[dict, dict], scheduler, rng: dict,
+                    state: dict, keep_last: int) -> Path:
+    """Write checkpoint `step` (see the module docstring) into its prepared staging directory, which
+    may already hold DeepSpeed's own files, and rename it into place. `training_state` is the (tensors,
+    meta) of posttrain.distributed; `model` None writes no adapter/ (DeepSpeed's files hold the model)."""
+    from safetensors.torch import save_file
+
+    root = checkpoint_root(output_dir)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    tmp.mkdir()
-    save_trainable(model, tmp / "adapter")
+    tmp = staging_dir(output_dir, step)
+    if model is not None:
+        save_trainable(model, tmp / "adapter")
     tensors, meta = training_state
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable_state.safetensors"))
+    if tensors:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable_state.safetensors"))
     (tmp / "trainable_state.json").write_text(json.dumps(meta, indent=1))
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_plain_rng(rng), tmp / "rng.pt")
@@ -140,9 +158,10 @@ def read_checkpoint(path: Path, scheduler) -> tuple[dict, dict, dict]:
         raise PosttrainError(f"{path} holds no trainable_state.json (it was written by an earlier posttrain "
                              f"version), so training cannot resume exactly from it. Its adapter "
                              f"({path / 'adapter'}) can start a new run via lora.init_adapter.")
-    tensors = load_file(str(path / "trainable_state.safetensors"))
     meta = json.loads((path / "trainable_state.json").read_text())
-    if not any(k.startswith("param/") for k in tensors):
+    native = meta.get("deepspeed_native", False)
+    tensors = {} if native else load_file(str(path / "trainable_state.safetensors"))
+    if not native and not any(k.startswith("param/") for k in tensors):
         for file in sorted((path / "adapter").glob("*.safetensors")):
             tensors.update({f"param/{k}": v for k, v in load_file(str(file)).items()})
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -144,6 +144,31 @@ def restore_training_state(trainer, tensors: dict[str, torch.Tensor], meta: dict
             safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].float(), key)
 
 
+def native_checkpoint_meta(trainer) -> dict:
+    return {"deepspeed_native": True, "world_size": trainer.world, "zero_stage": zero_stage(trainer.accelerator)}
+
+
+def load_native_checkpoint(trainer, path: Path, meta: dict) -> None:
+    """Resume full fine-tuning from DeepSpeed's own partitions in `path`/deepspeed, which only the same
+    ZeRO stage on the same number of processes can read. DeepSpeed unpickles these files
+    (torch.load with weights_only=False): posttrain loads them only from the run's own checkpoints."""
+    from posttrain.errors import PosttrainError
+
+    here = (trainer.world, zero_stage(trainer.accelerator))
+    there = (meta["world_size"], meta["zero_stage"])
+    if here != there:
+        raise PosttrainError(f"{path} is a full fine-tuning checkpoint in DeepSpeed's own sharded format, written "
+                             f"under ZeRO-{there[1]} on {there[0]} processes; it resumes only with the same "
+                             f"(now: {'ZeRO-' + str(here[1]) if here[1] is not None else 'no DeepSpeed'} on "
+                             f"{here[0]}). Relaunch with that config, or start a new run from the final model.")
+    if Path(path).resolve().parent != (Path(trainer.output_dir) / "checkpoints").resolve():
+        raise PosttrainError(f"{path}: DeepSpeed checkpoints are loaded only from the run's own checkpoints/.")
+    loaded, _ = trainer.model.load_checkpoint(str(Path(path) / "deepspeed"), tag="engine",
+                                              load_lr_scheduler_states=False)
+    if loaded is None:
+        raise PosttrainError(f"{path}/deepspeed: DeepSpeed found no checkpoint to load (incomplete copy?).")
+
+
 def _gathered(params, stage: Optional[int], modifier_rank: Optional[int] = None):
     if stage != 3:
         return contextlib.nullcontext()

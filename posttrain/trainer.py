@@ -329,14 +329,25 @@ class Trainer:
 
     def save(self, step: int, history: dict, final: bool = False) -> None:
         """Checkpoint `step` (and `final/`), the same whatever the number of processes: every process
-        takes part in gathering the trainable parameters and optimiser state, one writes them."""
+        takes part in gathering the trainable parameters and optimiser state, one writes them. Full
+        fine-tuning under DeepSpeed instead writes DeepSpeed's own partitions, one per process."""
         acc = self.accelerator
+        native = distributed.zero_stage(acc) is not None and not self.recipe.lora.enabled
         acc.wait_for_everyone()
-        training_state = distributed.gather_training_state(self, with_parameters=self.recipe.lora.enabled)
+        if acc.is_main_process:
+            ckpt.prepare_staging(self.output_dir, step)
+        acc.wait_for_everyone()
+        if native:
+            self.model.save_checkpoint(str(ckpt.staging_dir(self.output_dir, step) / "deepspeed"), tag="engine")
+            training_state = ({}, distributed.native_checkpoint_meta(self))
+        else:
+            training_state = distributed.gather_training_state(self, with_parameters=self.recipe.lora.enabled)
+        acc.wait_for_everyone()
         with self._gathered_trainable():
             if acc.is_main_process:
-                ckpt.save_checkpoint(self.output_dir, step, self.peft_model, training_state, self.scheduler,
-                                     rng_state(), self._trainer_state(step, history), self.recipe.checkpoint.keep_last)
+                ckpt.save_checkpoint(self.output_dir, step, None if native else self.peft_model, training_state,
+                                     self.scheduler, rng_state(), self._trainer_state(step, history),
+                                     self.recipe.checkpoint.keep_last)
                 if final:
                     ckpt.save_final(self.peft_model, self.tokenizer, self.output_dir)
         acc.wait_for_everyone()
@@ -354,7 +365,10 @@ class Trainer:
             raise PosttrainError(f"cannot resume from {path}: the recipe differs from the checkpoint's in "
                                  f"{', '.join(differences)}. Restore those values, or pass --force to resume anyway.")
         tensors, meta, state = ckpt.read_checkpoint(path, self.scheduler)
-        distributed.restore_training_state(self, tensors, meta)
+        if meta.get("deepspeed_native"):
+            distributed.load_native_checkpoint(self, path, meta)
+        else:
+            distributed.restore_training_state(self, tensors, meta)
         self.log.info("resumed from %s (step %d, written by %d process%s)", path, state["step"],
                       state.get("world_size", 1), "es" if state.get("world_size", 1) > 1 else "")
         self.metrics.truncate_after(state["step"])

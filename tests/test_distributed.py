@@ -357,3 +357,28 @@ def test_a_kill_between_writing_and_renaming_a_checkpoint_resumes_from_the_one_b
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
     _assert_same_trajectory(run, adam_reference, 1e-12)
     _assert_same_adapter(run, adam_reference, atol=1e-12)
+
+
+def test_full_fine_tuning_under_deepspeed_resumes_from_its_own_sharded_checkpoint(tiny_model_dir, data_file,
+                                                                                  workdir, monkeypatch):
+    """LoRA off: each process writes its own partition in DeepSpeed's format, and the run resumes
+    from it under the same ZeRO stage and number of processes (and refuses anything else)."""
+    def recipe(run: Path) -> dict:
+        raw = _raw(tiny_model_dir, data_file, run, "adamw", lr=1e-3)
+        raw["lora"] = {"enabled": False}
+        return raw
+
+    straight = workdir / "full-zero2"
+    _launch("zero2", _write_recipe(recipe(straight), workdir / "full-zero2.yaml"))
+    checkpoint = straight / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["deepspeed", "rng.pt", "scheduler.pt",
+                                                            "trainable_state.json", "trainer_state.json"]
+    assert len(list((checkpoint / "deepspeed" / "engine").glob("*optim_states.pt"))) == 2  # one per process
+    run = _checkpoint_run(straight, 2, workdir / "full-zero2-resumed")
+    result = _launch("zero2", _write_recipe(recipe(run), workdir / "full-zero2-resumed.yaml"), "--resume")
+    assert "resumed from" in result.stderr
+    _assert_same_trajectory(run, straight, 1e-9, steps=range(3, STEPS + 1))
+    from posttrain.errors import PosttrainError
+
+    with pytest.raises(PosttrainError, match="ZeRO-2 on 2 processes; it resumes only with the same"):
+        _train_here(recipe(run), monkeypatch, resume=True)
