@@ -107,8 +107,9 @@ def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[di
 def save_final(model, tokenizer, output_dir: Path) -> Path:
     """<output_dir>/final: the trained adapter (or model) and tokenizer, renamed into place whole."""
     final = Path(output_dir) / "final"
+    for stale in Path(output_dir).glob(".tmp-final-*"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(output_dir) / f".tmp-final-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     save_trainable(model, tmp)
     tokenizer.save_pretrained(tmp)
     if final.exists():

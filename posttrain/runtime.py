@@ -21,10 +21,10 @@ RECORDED_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", 
 
 
 def make_accelerator(gradient_accumulation_steps: int, timeout_s: float | None = None):
-    """An Accelerator for this launch. On CPU the process group uses gloo, and a launch that asked for
-    several processes but got one is refused instead of training alone."""
+    """An Accelerator for this launch. On CPU the process group uses gloo and the model is wrapped in
+    DDP, and a launch that asked for several processes but would train on one alone is refused."""
     from accelerate import Accelerator, InitProcessGroupKwargs
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin
 
     timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("POSTTRAIN_PG_TIMEOUT", 1800)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -50,18 +50,18 @@ def make_accelerator(gradient_accumulation_steps: int, timeout_s: float | None =
     # reduced. cpu=True makes it MULTI_CPU (DeepSpeed runs set their own type).
     accelerator = Accelerator(gradient_accumulation_plugin=plugin, kwargs_handlers=kwargs,
                               cpu=world > 1 and on_cpu and not deepspeed)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        # posttrain hands DeepSpeed a torch optimiser; with offload DeepSpeed refuses it unless told
-        # (its own CPU Adam would be a C++ compile). A user's DeepSpeed config file may still say otherwise.
-        plugin.deepspeed_config.setdefault("zero_force_ds_cpu_optimizer", False)
-    alone = accelerator.num_processes == 1 or str(getattr(accelerator, "distributed_type", "")) == "DistributedType.NO"
+    alone = accelerator.num_processes == 1 or getattr(accelerator, "distributed_type", None) == DistributedType.NO
     if world > 1 and alone:
         raise PosttrainError(
-            f"WORLD_SIZE={world} but accelerate set up a single process, so this process would train alone on "
+            f"WORLD_SIZE={world} but accelerate set up no data parallelism, so this process would train alone on "
             f"its own copy. Launch with `accelerate launch --multi_gpu --num_processes {world} -m posttrain train ...` "
             f"(or --use_deepspeed), or unset WORLD_SIZE for a single-process run."
         )
+    deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed_plugin is not None:
+        # posttrain hands DeepSpeed a torch optimiser; with offload DeepSpeed refuses it unless told
+        # (its own CPU Adam would be a C++ compile). A user's DeepSpeed config file may still say otherwise.
+        deepspeed_plugin.deepspeed_config.setdefault("zero_force_ds_cpu_optimizer", False)
     return accelerator
 
 

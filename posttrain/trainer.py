@@ -375,7 +375,8 @@ class Trainer:
         return state["step"], state.get("history", {})
 
     def _preflight(self) -> None:
-        """Checks and test probes that run once, before any model work (posttrain.distributed)."""
+        """Checks and test probes that run once, before the model is prepared and anything is written
+        (posttrain.distributed)."""
         distributed.check_micro_batch_memory(self)
         distributed.install_step_probe(self)
 

@@ -382,3 +382,23 @@ def test_full_fine_tuning_under_deepspeed_resumes_from_its_own_sharded_checkpoin
 
     with pytest.raises(PosttrainError, match="ZeRO-2 on 2 processes; it resumes only with the same"):
         _train_here(recipe(run), monkeypatch, resume=True)
+
+
+def test_full_fine_tuning_on_one_process_resumes_from_the_model_and_optimiser_state(tiny_model_dir, data_file,
+                                                                                    workdir, monkeypatch):
+    """LoRA off, no DeepSpeed: the parameters come back from adapter/model.safetensors, the optimiser
+    state from trainable_state.safetensors."""
+    def recipe(run: Path) -> dict:
+        raw = _raw(tiny_model_dir, data_file, run, "adamw", lr=1e-3)
+        raw["lora"] = {"enabled": False}
+        return raw
+
+    straight = workdir / "full-1"
+    _train_here(recipe(straight), monkeypatch)
+    from safetensors.torch import load_file
+
+    state = load_file(str(straight / "checkpoints" / "step-00000002" / "trainable_state.safetensors"))
+    assert state and not [k for k in state if k.startswith("param/")]  # the weights are in adapter/ only
+    run = _checkpoint_run(straight, 2, workdir / "full-1-resumed")
+    _train_here(recipe(run), monkeypatch, resume=True)
+    _assert_same_trajectory(run, straight, 1e-12, steps=range(3, STEPS + 1))

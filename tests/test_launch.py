@@ -30,15 +30,19 @@ def test_world_size_without_a_launcher_is_refused(tiny_model_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_launch_that_ends_up_with_one_process_is_refused(monkeypatch):
+@pytest.mark.parametrize("processes, kind", [(1, "MULTI_CPU"), (2, "NO")])
+def test_a_launch_that_ends_up_with_one_process_is_refused(monkeypatch, processes, kind):
     """If accelerate ever sets up one process although the launcher started two (as it does on CPU
-    without an explicit gloo backend), the run stops instead of training alone."""
+    without an explicit gloo backend), or two processes without data parallelism (as `--multi_gpu`
+    does on CPU unless told cpu=True), the run stops instead of training alone."""
     import accelerate
+    from accelerate.utils import DistributedType
 
     from posttrain import runtime
 
     class OneProcessAccelerator:
-        num_processes = 1
+        num_processes = processes
+        distributed_type = DistributedType[kind]
 
         def __init__(self, *args, **kwargs):
             pass
