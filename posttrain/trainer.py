@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import checkpoint as ckpt
-from posttrain import distributed
+from posttrain import distributed, memory
 from posttrain.config import Recipe, recipe_to_dict
 from posttrain.core import Normaliser, PolicyLogProbs
 from posttrain.data.collate import collate_pairs
@@ -376,8 +376,8 @@ class Trainer:
 
     def _preflight(self) -> None:
         """Checks and test probes that run once, before the model is prepared and anything is written
-        (posttrain.distributed)."""
-        distributed.check_micro_batch_memory(self)
+        (posttrain.memory, posttrain.distributed)."""
+        memory.check_micro_batch_memory(self)
         distributed.install_step_probe(self)
 
     @contextlib.contextmanager
@@ -386,7 +386,7 @@ class Trainer:
         try:
             yield
         except torch.OutOfMemoryError:
-            raise PosttrainError(distributed.out_of_memory_message(step, pairs, rows)) from None
+            raise PosttrainError(memory.out_of_memory_message(step, pairs, rows)) from None
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:

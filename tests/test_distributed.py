@@ -267,6 +267,41 @@ def _kill_launch_at_step(command: list[str], run: Path, step: int) -> None:
     assert not (run / "final").exists()
 
 
+def _rank_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((v[5:].decode() for v in environ if v.startswith(b"RANK=")), None)
+
+
+def test_a_process_killed_alone_stops_the_others_and_the_run_resumes(tiny_model_dir, data_file, workdir,
+                                                                     adam_zero3):
+    """SIGKILL of the second ZeRO-3 process only: the first does not hang (gloo sees its peer gone,
+    torchrun stops the rest, and POSTTRAIN_PG_TIMEOUT bounds any wait), and --resume recovers."""
+    step = random.Random("kill-one-worker").randint(1, STEPS - 1)
+    run = workdir / "killed-one-worker"
+    recipe = _write_recipe(_raw(tiny_model_dir, data_file, run, "adamw"), workdir / "killed-one-worker.yaml")
+    proc = subprocess.Popen(_launch_command("zero3", recipe), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=_env(), cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ((run / "metrics.jsonl").is_file()
+                                                                    and step in _steps(run)):
+        time.sleep(0.05)
+    [second] = [pid for pid in _descendants(proc.pid) if _rank_of(pid) == "1"
+                and "posttrain" in Path(f"/proc/{pid}/cmdline").read_text()]
+    os.kill(second, signal.SIGKILL)
+    started = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, None) and time.time() - started < 60, stderr[-3000:]
+    assert not _descendants(proc.pid)
+    result = subprocess.run(_launch_command("zero3", recipe) + ["--resume"], capture_output=True, text=True,
+                            env=_env(), cwd=ROOT, timeout=600)
+    assert result.returncode == 0, _failure(result.stderr)
+    _assert_same_trajectory(run, adam_zero3, 1e-9)
+    _assert_same_adapter(run, adam_zero3, atol=1e-9)
+
+
 @pytest.mark.parametrize("launcher", ["one-process", "zero3"])
 def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(launcher, tiny_model_dir, data_file, workdir,
                                                                    request):
