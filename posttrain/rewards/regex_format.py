@@ -1,7 +1,7 @@
-"""`format`: does the completion show its final answer in the expected form?
+r"""`format`: does the completion show its final answer in the expected form?
 
 `re.search(pattern, completion)` (or `re.fullmatch` with `fullmatch: true`) with Python's `re` syntax and no
-flags. The default pattern accepts a \\boxed{...} answer or a GSM8K "#### answer" line:
+flags. The default pattern accepts a \boxed{...} answer or a GSM8K "#### answer" line:
 `\\boxed\{.+\}|####\s*\S+`. Score = `match_score` (default 1.0) on a match, else `miss_score` (0.0).
 
 Components: `match` (0 or 1).
