@@ -165,7 +165,8 @@ def bfcl_example(index: int) -> PromptExample:
     gold = json.loads(BFCL_ANSWERS.read_text().splitlines()[index])
     assert question["id"] == gold["id"] == f"simple_python_{index}"
     function = question["function"][0]
-    schema = {"type": "object", "properties": {function["name"]: function["parameters"]}, "required": [function["name"]]}
+    name = function["name"]
+    schema = {"type": "object", "properties": {name: function["parameters"]}, "required": [name]}
     return PromptExample(question["question"][0], None, str(BFCL), index + 1,
                          {"schema": schema, "gold": gold["ground_truth"][0]})
 
@@ -344,9 +345,26 @@ def test_user_function_return_values(tmp_path):
         call("as_nan")
 
 
-def test_register_reward_rejects_a_second_class_under_a_taken_name():
+def test_register_reward_rejects_a_taken_name_and_plain_functions():
     with pytest.raises(ValueError, match="a reward named 'math' is already registered"):
         register_reward("math")(type("OtherMath", (RewardFunction,), {}))
+    with pytest.raises(TypeError, match="decorates a RewardFunction subclass"):
+        register_reward("plain")(lambda completion, example: 1.0)
+    assert "plain" not in REWARDS
+
+
+def test_a_reward_defined_in_main_runs_inline_but_not_in_workers():
+    def call(self, completion, example):
+        return RewardResult(1.0)
+
+    register_reward("in_main")(type("InMain", (RewardFunction,), {"__module__": "__main__", "__call__": call}))
+    try:
+        with pytest.raises(RecipeError, match=r"rewards\[0\] \(__main__:InMain\) is defined in the script being run"):
+            build_reward_set([RewardTerm("in_main")], num_workers=1)
+        with build_reward_set([RewardTerm("in_main")], num_workers=0) as rewards:
+            assert rewards.score(["x"], [example(None)])[0].score == 1.0
+    finally:
+        REWARDS.pop("in_main")
 
 
 # ------------------------------------------------------------------------------------ combination + pool

@@ -27,6 +27,9 @@ def register_reward(name: str):
     """Class decorator: make a RewardFunction subclass available to recipes as `rewards: [{name: ...}]`."""
 
     def decorate(cls: type[RewardFunction]) -> type[RewardFunction]:
+        if not (isinstance(cls, type) and issubclass(cls, RewardFunction)):
+            raise TypeError(f"@register_reward({name!r}) decorates a RewardFunction subclass, not {cls!r}; reference "
+                            f"a plain function from a recipe as 'module.path:function' instead")
         if name in REWARDS and REWARDS[name] is not cls:
             raise ValueError(f"a reward named {name!r} is already registered ({REWARDS[name].__module__})")
         cls.name = name

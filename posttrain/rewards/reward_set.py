@@ -27,7 +27,8 @@ class RewardSet:
     `schema` for an example without a schema): average each name over the results that hold it.
     `timeouts`: calls that ran past the limit so far."""
 
-    def __init__(self, terms: list[RewardTerm], functions: list[RewardFunction], runner: Union[WorkerPool, InlineRunner]):
+    def __init__(self, terms: list[RewardTerm], functions: list[RewardFunction],
+                 runner: Union[WorkerPool, InlineRunner]):
         self.terms, self._functions, self._runner = terms, functions, runner
         self.timeouts = 0
         self._names: list[str] = []
@@ -46,7 +47,8 @@ class RewardSet:
             if not isinstance(completion, str):
                 raise TypeError(f"completions must be strings, got {type(completion).__name__}")
         num_terms = len(self.terms)
-        calls = [(k, completion, example) for completion, example in zip(completions, examples) for k in range(num_terms)]
+        calls = [(k, completion, example) for completion, example in zip(completions, examples)
+                 for k in range(num_terms)]
         outcomes = self._runner.run(calls)
         for (k, completion, example), outcome in zip(calls, outcomes):
             if isinstance(outcome, CallFailed):
@@ -87,7 +89,8 @@ def build_reward_set(terms: Iterable[Union[RewardTerm, dict]], num_workers: int 
                      search_dirs: Iterable[Path] = ()) -> RewardSet:
     """Check the terms, build their functions, and start the workers (`num_workers: 0`: inline)."""
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise RecipeError(f"rewards: num_workers must be an integer >= 0 (0 = in the main process), got {num_workers!r}.")
+        raise RecipeError(f"rewards: num_workers must be an integer >= 0 (0 = in the main process), got "
+                          f"{num_workers!r}.")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
         raise RecipeError(f"rewards: timeout_s must be a positive number of seconds, got {timeout_s!r}.")
     search_dirs = list(search_dirs)
