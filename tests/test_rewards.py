@@ -459,6 +459,25 @@ def test_a_raising_user_reward_names_the_reward_the_row_and_the_error(probe_dir)
         assert rewards.score(["ok"], rows[:1])[0].score == 2.0     # still working afterwards
 
 
+def test_a_reward_module_that_fails_in_the_workers_is_reported_at_the_first_batch(tmp_path):
+    directory = write_module(tmp_path / "mods", "parent_only_rewards", """
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:
+            raise RuntimeError("this module refuses to load in a worker")
+
+        def one(completion, example):
+            return 1.0
+    """)
+    rewards = build_reward_set([RewardTerm("parent_only_rewards:one")], num_workers=1, search_dirs=[directory])
+    with pytest.raises(RewardError, match=r"reward worker process: cannot build the rewards: reward "
+                                          r"'parent_only_rewards:one': cannot import module .*RuntimeError: this "
+                                          r"module refuses to load in a worker"):
+        rewards.score(["x"], [example(None)])
+    with pytest.raises(RewardError, match="the reward pool is closed"):
+        rewards.score(["x"], [example(None)])
+
+
 def test_inline_mode_interrupts_a_hung_call_in_the_main_thread(probe_dir):
     e = example(None)
     with build_reward_set([RewardTerm("probe_rewards:probe")], num_workers=0, timeout_s=0.5,
@@ -514,7 +533,7 @@ def _doc_blocks(kind: str) -> list[str]:
 
 def test_the_documented_user_reward_runs_from_its_recipe_section(tmp_path):
     (tmp_path / "my_rewards.py").write_text(_doc_blocks("python")[0])
-    section = yaml.safe_load(_doc_blocks("yaml")[0])
+    (section,) = [yaml.safe_load(block) for block in _doc_blocks("yaml") if "my_rewards:" in block]
     examples, _ = load_prompt_examples(str(GSM8K), limit=2)
     natalia = examples[0]
     with build_reward_set(section["rewards"], num_workers=1, timeout_s=5.0, search_dirs=[tmp_path]) as rewards:
