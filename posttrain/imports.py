@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 from pathlib import Path
@@ -29,7 +30,9 @@ def import_object(ref: str, search_dirs: Iterable[Path], what: str, base: Option
         ) from None
     obj = getattr(module, attr, None)
     if obj is None:
-        raise RecipeError(f"{what}: module {module_name!r} has no attribute {attr!r}.")
+        hint = difflib.get_close_matches(attr, [n for n in vars(module) if not n.startswith("_")], n=1)
+        raise RecipeError(f"{what}: module {module_name!r} has no attribute {attr!r}."
+                          f"{f' Did you mean {hint[0]!r}?' if hint else ''}")
     if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
         raise RecipeError(f"{what} is not a subclass of {base.__module__}.{base.__qualname__}.")
     return obj

@@ -9,15 +9,14 @@ directory and the Python path.
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 from posttrain.errors import RecipeError
+from posttrain.imports import import_object
 from posttrain.rewards.base import FunctionReward, RewardFunction
 
 REWARDS: dict[str, type[RewardFunction]] = {}
@@ -55,25 +54,7 @@ class RewardTerm:
 
 
 def _import_reference(ref: str, search_dirs: Iterable[Path]) -> Union[type[RewardFunction], Callable[..., Any]]:
-    module_name, _, attr = ref.partition(":")
-    extra = [str(Path(d).resolve()) for d in search_dirs] + [str(Path.cwd())]
-    for directory in extra:
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module: any error in it is theirs to see
-        raise RecipeError(
-            f"reward {ref!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}). The module is "
-            f"searched for in the recipe's directory, the working directory and the Python path "
-            f"({', '.join(extra)}); check the file name and that the module imports on its own."
-        ) from None
-    target = getattr(module, attr, None)
-    if target is None:
-        names = [n for n in vars(module) if not n.startswith("_")]
-        hint = difflib.get_close_matches(attr, names, n=1)
-        extra_hint = f" Did you mean {hint[0]!r}?" if hint else ""
-        raise RecipeError(f"reward {ref!r}: module {module_name!r} has no attribute {attr!r}.{extra_hint}")
+    target = import_object(ref, search_dirs, f"reward {ref!r}")
     if isinstance(target, type) and not issubclass(target, RewardFunction):
         raise RecipeError(f"reward {ref!r} is a class but not a subclass of posttrain.rewards.RewardFunction.")
     if not callable(target):
