@@ -278,6 +278,10 @@ def online_step(trainer, step: int) -> dict:
         return {**record, "loss": 0.0, "skipped": 1.0, "num_tokens": 0.0}
     masked = ro.truncated == "mask"
     token_ids, mask = completion_tensors(records, masked)
+    if mask.sum() == 0:
+        trainer.log.warning("step %d: every completion was truncated and rollout.truncated is 'mask', so no token "
+                            "is left to train on; no update. Raise rollout.max_new_tokens.", step + 1)
+        return {**record, "loss": 0.0, "skipped": 1.0, "num_tokens": 0.0}
     group_of = torch.tensor([rec.group for rec in records])
     groups = sorted(set(group_of.tolist()))
     rows_of = {g: [i for i, rec in enumerate(records) if rec.group == g] for g in groups}

@@ -261,3 +261,31 @@ def test_kill_after_a_checkpoint_then_resume_restores_the_vade_sampler(tiny_mode
     for a, b in zip(full, again):
         assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-8)
+
+
+# ------------------------------------------------------------------------------------------- shipped recipes
+def _online_recipes() -> list[str]:
+    from posttrain.config import load_recipe
+    from posttrain.losses import build_loss
+
+    names = []
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        if build_loss(load_recipe(path).loss).data_kind == "groups":
+            names.append(path.name)
+    return names
+
+
+@pytest.mark.parametrize("name", _online_recipes())
+def test_each_shipped_online_recipe_runs_a_step_on_a_tiny_model(name, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name data relative to the repository root
+    raw = yaml.safe_load((ROOT / "recipes" / name).read_text())
+    data = raw["data"]
+    data["train"] = {**data["train"], "limit": 8}
+    data["heldout"] = {**data["heldout"], "limit": 4}
+    raw.update(run={"output_dir": str(tmp_path / "run"), "seed": 0, "num_threads": 1},
+               model={**raw["model"], "name_or_path": str(tiny_model_dir)}, lora={**raw["lora"], "r": 4},
+               rollout={**raw["rollout"], "group_size": 2, "max_new_tokens": 4, "reward_workers": 0},
+               train={**raw["train"], "batch_size": 2, "micro_batch_size": 1, "max_steps": 1},
+               logging={"progress_bar": False, "tensorboard": False}, checkpoint={"every": 0})
+    summary = Trainer(recipe_from(raw)).train()
+    assert summary["steps"] == 1 and summary["heldout_after"]["num_prompts"] == 4
