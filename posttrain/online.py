@@ -44,7 +44,8 @@ def build_engine(trainer):
     ro = trainer.recipe.rollout
     if ro.engine == "hf":
         return HFGenerateEngine(lambda: trainer.peft_model, trainer.pad_id, stop_token_ids(trainer.tokenizer),
-                                ro.generation_batch_size, gather=trainer.gathered_for_generation)
+                                ro.generation_batch_size, gather=trainer.gathered_for_generation,
+                                autocast=trainer._autocast)
     from posttrain.imports import import_object
     from posttrain.rollout import GenerationEngine
 
@@ -298,7 +299,12 @@ def online_step(trainer, step: int) -> dict:
     batch = RolloutBatch(rewards=torch.tensor([rec.reward for rec in records], dtype=torch.float64),
                          group_index=group_of, mask=mask, token_ids=token_ids, entropy=entropy,
                          answers=[rec.answer for rec in records])
-    advantages = trainer.loss.compute_advantages(batch)
+    try:
+        advantages = trainer.loss.compute_advantages(batch)
+    except ValueError as exc:  # a plug-in's word on a batch the recipe shaped (e.g. COPO with one prompt)
+        raise RecipeError(f"loss {r.loss[0].name!r} cannot use the rollout batch of step {step + 1} "
+                          f"({len(groups)} prompts x {ro.group_size} completions): {exc} Adjust train.batch_size "
+                          f"or the rollout settings.") from None
     normaliser = Normaliser(sequences=float(len(records)), tokens=float(mask.sum().item()))
 
     t2 = time.time()

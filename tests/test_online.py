@@ -214,7 +214,9 @@ def test_copo_needs_two_prompts_per_step(tiny_model_dir, tmp_path):
     raw = online_recipe(tiny_model_dir, tmp_path / "run", loss="copo", train={"max_steps": 1, "batch_size": 1,
                                                                               "micro_batch_size": 1},
                         eval={"at_start": False, "at_end": False})
-    with pytest.raises(ValueError, match="2 prompts"):
+    from posttrain.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="2 prompts.*train.batch_size"):
         Trainer(recipe_from(raw)).train()
 
 

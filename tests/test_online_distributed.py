@@ -34,7 +34,7 @@ class UnequalLengths(HFGenerateEngine):
     def __init__(self, trainer):
         trainer.recipe.rollout.engine = "hf"
         base = build_engine(trainer)
-        super().__init__(base.model_getter, base.pad_id, base.stop_ids, base.batch_size, base.gather)
+        super().__init__(base.model_getter, base.pad_id, base.stop_ids, base.batch_size, base.gather, base.autocast)
         self.stop_ids = set()  # never stop early: lengths are exactly as set below
 
     def generate(self, prompts, params):

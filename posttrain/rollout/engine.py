@@ -67,17 +67,19 @@ class HFGenerateEngine(GenerationEngine):
 
     `model_getter()` returns the (peft) causal LM; `gather()` returns a context manager in which its
     parameters are whole on every process (ZeRO-3: `deepspeed.zero.GatheredParameters`, so ranks whose
-    completions end at different lengths never wait on each other), else a null context.
+    completions end at different lengths never wait on each other), else a null context; `autocast()`
+    the precision context (the trainer's bf16 autocast when the recipe asks for it).
     Prompts are left-padded and generated `batch_size` at a time.
     """
 
     def __init__(self, model_getter: Callable, pad_id: int, stop_ids: list[int], batch_size: int = 64,
-                 gather: Optional[Callable] = None):
+                 gather: Optional[Callable] = None, autocast: Optional[Callable] = None):
         self.model_getter = model_getter
         self.pad_id = pad_id
         self.stop_ids = set(int(i) for i in stop_ids)
         self.batch_size = batch_size
         self.gather = gather or contextlib.nullcontext
+        self.autocast = autocast or contextlib.nullcontext
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -89,7 +91,7 @@ class HFGenerateEngine(GenerationEngine):
         device = next(model.parameters()).device
         out: list[Completion] = []
         try:
-            with self.gather():
+            with self.gather(), self.autocast():
                 for start in range(0, len(prompts), self.batch_size):
                     chunk = prompts[start:start + self.batch_size]
                     out += self._generate_chunk(model, chunk, params, device)
