@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from posttrain.data.readers import InvalidRow, handle_invalid, is_messages, iter_raw_rows, write_skipped_rows
+from posttrain.data.readers import InvalidRow, handle_invalid, is_messages, parse_records, write_skipped_rows
 from posttrain.errors import DataError, RecipeError
 from posttrain.rewards.example import PromptExample
 
@@ -174,26 +174,10 @@ def _builtin_examples(name: str, split: str) -> list[PromptExample]:
 
 
 def _read_examples(path: str, fmt: str, split: str) -> tuple[list[PromptExample], list[InvalidRow]]:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"data path {path!r} does not exist (working directory {Path.cwd()}).")
-    source = str(p)
-    examples: list[PromptExample] = []
-    invalid: list[InvalidRow] = []
-    parser = None
-    records = 0
-    for number, record in iter_raw_rows(p, split):
-        records += 1
-        if not isinstance(record, dict):
-            invalid.append(InvalidRow(source, number, "(row)", f"expected a JSON object, got {type(record).__name__}"))
-            continue
-        if parser is None:
-            parser = PROMPT_FORMATS[detect_prompt_format(record, source, number) if fmt == "auto" else fmt]
-        parsed = parser(record, source, number)
-        (examples if isinstance(parsed, PromptExample) else invalid).append(parsed)
-    if records == 0:
-        raise DataError(f"{source}: the data set is empty (no rows). Point `path:` at a file with prompts.")
-    return examples, invalid
+    def choose(record, source, number):
+        return PROMPT_FORMATS[detect_prompt_format(record, source, number) if fmt == "auto" else fmt]
+
+    return parse_records(path, split, choose, "prompts")
 
 
 def load_prompt_examples(path: str, fmt: str = "auto", split: str = "train", start: int = 0,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from posttrain.errors import DataError
 
@@ -230,14 +230,16 @@ def write_skipped_rows(invalid: list[InvalidRow], path: Optional[Path], what: st
                                      "reason": item.reason}) + "\n")
 
 
-def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
-                         limit: Optional[int] = None) -> tuple[list[PreferenceRow], list[InvalidRow]]:
-    """Read and validate every row of `path`. Returns (valid rows, invalid rows)."""
+def parse_records(path: str, split: str, choose_parser: Callable, what: str,
+                  limit: Optional[int] = None) -> tuple[list, list[InvalidRow]]:
+    """Read every record of `path` and parse it with the parser that `choose_parser(record, source, row)` picks
+    from the first record. A parser returns a valid item or an InvalidRow. Returns (valid items, invalid rows);
+    stops after `limit` valid items. `what` names the contents in the empty-file error ("preference pairs")."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data path {path!r} does not exist (working directory {Path.cwd()}).")
     source = str(p)
-    rows: list[PreferenceRow] = []
+    items: list = []
     invalid: list[InvalidRow] = []
     parser = None
     records = 0
@@ -247,15 +249,26 @@ def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
             invalid.append(InvalidRow(source, number, "(row)", f"expected a JSON object, got {type(record).__name__}"))
             continue
         if parser is None:
-            kind = detect_format(record, source, number) if fmt == "auto" else fmt
-            parser = _parse_hh if kind == "hh" else _parse_trl
+            parser = choose_parser(record, source, number)
         parsed = parser(record, source, number)
-        if isinstance(parsed, PreferenceRow):
-            bad = validate_row(parsed)
-            parsed = bad or parsed
-        (rows if isinstance(parsed, PreferenceRow) else invalid).append(parsed)
-        if limit is not None and len(rows) >= limit:
+        (invalid if isinstance(parsed, InvalidRow) else items).append(parsed)
+        if limit is not None and len(items) >= limit:
             break
     if records == 0:
-        raise DataError(f"{source}: the data set is empty (no rows). Point `path:` at a file with preference pairs.")
-    return rows, invalid
+        raise DataError(f"{source}: the data set is empty (no rows). Point `path:` at a file with {what}.")
+    return items, invalid
+
+
+def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
+                         limit: Optional[int] = None) -> tuple[list[PreferenceRow], list[InvalidRow]]:
+    """Read and validate every row of `path`. Returns (valid rows, invalid rows)."""
+    def choose(record, source, number):
+        kind = detect_format(record, source, number) if fmt == "auto" else fmt
+        base = _parse_hh if kind == "hh" else _parse_trl
+
+        def parse(rec, src, row):
+            parsed = base(rec, src, row)
+            return (validate_row(parsed) or parsed) if isinstance(parsed, PreferenceRow) else parsed
+        return parse
+
+    return parse_records(path, split, choose, "preference pairs", limit)
