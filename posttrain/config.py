@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from posttrain.errors import RecipeError
+from posttrain.rewards.registry import RewardTerm  # one reward of online RL (imports no torch)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class DataSource:
     path: Optional[str] = None
     builtin: Optional[str] = None  # name of a built-in task, e.g. "arithmetic"
     split: str = "train"  # for built-in tasks: train | heldout; for datasets dirs: the split name
-    format: Literal["auto", "trl", "hh"] = "auto"
+    # pairs: trl | hh; prompts (online RL): gsm8k | math | rl | prompt_answer (docs/rewards.md); auto detects
+    format: Literal["auto", "trl", "hh", "gsm8k", "math", "rl", "prompt_answer"] = "auto"
     start: int = 0  # skip the first N valid rows (e.g. to hold out the rest of a file)
     limit: Optional[int] = None  # then keep at most N valid rows
     num_rows: Optional[int] = None  # for built-in tasks: how many pairs to generate
@@ -86,6 +88,40 @@ class LossTerm:
     name: str = "dpo"
     weight: float = 1.0
     params: dict = field(default_factory=dict)
+
+
+@dataclass
+class RolloutConfig:
+    """Online RL: how completions are sampled, scored and fed to a group loss (docs/online_rl.md)."""
+
+    group_size: int = 8  # G completions per prompt
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    engine: str = "hf"  # "hf" (transformers generate) or `module.path:Class` (a GenerationEngine)
+    generation_batch_size: int = 64  # sequences per generate call
+    truncated: Literal["keep", "mask", "penalize"] = "keep"  # completions without EOS within max_new_tokens
+    truncated_reward: float = 0.0  # their reward under `penalize`
+    updates_per_batch: int = 1  # optimiser updates per rollout batch (TRL's num_iterations)
+    recompute_old_logprobs: bool = False  # pi_old from a no-grad pass even with one update per batch
+    reward_workers: int = 2  # processes scoring rewards; 0 = in the main process
+    reward_timeout: float = 10.0  # seconds per reward call
+    filter_zero_variance: bool = False  # drop groups whose reward std <= zero_variance_eps (DAPO dynamic sampling)
+    zero_variance_eps: float = 1e-6
+    max_resample_rounds: int = 2  # with the filter: rounds of extra prompts to refill the batch
+    eval_max_new_tokens: Optional[int] = None  # greedy held-out evaluation; default max_new_tokens
+
+
+@dataclass
+class SamplerConfig:
+    """Which prompts each online step rolls out: `uniform` or `vade` (posttrain.samplers)."""
+
+    name: str = "uniform"
+    params: dict = field(default_factory=dict)
+    success_component: Optional[str] = None  # reward component that says "correct"; default: the first reward
+    success_threshold: float = 0.5
 
 
 @dataclass
@@ -167,6 +203,9 @@ class Recipe:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: list[LossTerm] = field(default_factory=lambda: [LossTerm()])
+    rewards: list[RewardTerm] = field(default_factory=list)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -294,6 +333,17 @@ def _check_ranges(recipe: Recipe) -> None:
         (recipe.eval.every >= 0, f"eval.every must be >= 0, got {recipe.eval.every}."),
         (recipe.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {recipe.checkpoint.every}."),
         (len(recipe.loss) >= 1, "loss must name at least one loss."),
+        (recipe.rollout.group_size >= 2, f"rollout.group_size must be at least 2 (a group baseline needs two "
+                                         f"completions), got {recipe.rollout.group_size}."),
+        (recipe.rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be at least 1, got "
+                                             f"{recipe.rollout.max_new_tokens}."),
+        (0 <= recipe.rollout.min_new_tokens <= recipe.rollout.max_new_tokens,
+         "rollout.min_new_tokens must be in [0, max_new_tokens]."),
+        (recipe.rollout.temperature > 0, f"rollout.temperature must be positive, got {recipe.rollout.temperature}."),
+        (0 < recipe.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {recipe.rollout.top_p}."),
+        (recipe.rollout.updates_per_batch >= 1, "rollout.updates_per_batch must be at least 1."),
+        (recipe.rollout.reward_timeout > 0, "rollout.reward_timeout must be positive."),
+        (recipe.rollout.max_resample_rounds >= 0, "rollout.max_resample_rounds must be >= 0."),
     ]
     for ok, message in checks:
         if not ok:
@@ -305,12 +355,13 @@ def _check_ranges(recipe: Recipe) -> None:
 
 
 def _normalise_loss_section(raw: dict) -> dict:
-    """`loss` may be one mapping or a list of weighted terms; store it as a list."""
-    loss = raw.get("loss")
-    if isinstance(loss, dict):
-        raw["loss"] = [loss]
-    elif isinstance(loss, str):
-        raw["loss"] = [{"name": loss}]
+    """`loss` and `rewards` may be one mapping (or a name) or a list of weighted terms; store them as lists."""
+    for section in ("loss", "rewards"):
+        value = raw.get(section)
+        if isinstance(value, dict):
+            raw[section] = [value]
+        elif isinstance(value, str):
+            raw[section] = [{"name": value}]
     return raw
 
 
@@ -372,7 +423,18 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Optional[list[str]
     _check_ranges(recipe)
     from posttrain.losses import validate_loss_terms  # registry lookup; no torch model involved
 
-    validate_loss_terms(recipe.loss, search_dirs=[Path(path).resolve().parent] if path else [])
+    search_dirs = [Path(path).resolve().parent] if path else []
+    validate_loss_terms(recipe.loss, search_dirs=search_dirs)
+    if recipe.rewards:
+        from posttrain.rewards import validate_reward_terms  # imports no torch
+
+        validate_reward_terms(recipe.rewards, search_dirs=search_dirs)
+    from posttrain.samplers import SAMPLERS
+
+    if recipe.sampler.name not in SAMPLERS:
+        close = difflib.get_close_matches(recipe.sampler.name, list(SAMPLERS), n=1)
+        raise RecipeError(f"sampler.name {recipe.sampler.name!r} is not a sampler"
+                          f"{f'; did you mean {close[0]!r}' if close else ''}? Samplers: {', '.join(sorted(SAMPLERS))}.")
     return recipe
 
 

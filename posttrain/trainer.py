@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import checkpoint as ckpt
-from posttrain import distributed, memory
+from posttrain import distributed, memory, online
 from posttrain.config import Recipe, recipe_to_dict
 from posttrain.core import Normaliser, PolicyLogProbs
 from posttrain.data.collate import collate_pairs
@@ -96,9 +96,9 @@ class Trainer:
         r = self.recipe
         seed_everything(r.run.seed, r.run.num_threads, r.run.deterministic)
         self.loss = build_loss(r.loss, [self.recipe_dir] if self.recipe_dir else [])
-        if self.loss.data_kind != "pairs":
-            raise RecipeError(f"loss {r.loss[0].name!r} trains on {self.loss.data_kind}, which this trainer's offline "
-                              f"mode does not feed; use an online recipe for group losses.")
+        self.online = self.loss.data_kind == "groups"  # sampled groups (online RL) instead of offline pairs
+        self.current_step = 0
+        self.timings: dict[str, float] = {}
         self.accelerator = make_accelerator(1)
         acc = self.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
@@ -112,20 +112,17 @@ class Trainer:
         # All processes load together: under ZeRO-3 loading is itself collective.
         self.tokenizer, self.policy, self.reference = load_policy_and_reference(r, self.loss.needs_reference)
         self.pad_id = self.tokenizer.pad_token_id
-        skipped = self.output_dir / "skipped_rows.jsonl" if acc.is_main_process else None
-        self.train_pairs, self.train_stats, _ = load_pairs(r.data.train, r.data, self.tokenizer, r.run.seed,
-                                                           "data.train", skipped)
+        self.train_pairs: list[TokenizedPair] = []
         self.heldout_pairs: list[TokenizedPair] = []
-        if r.data.heldout is not None:
-            self.heldout_pairs, _, _ = load_pairs(r.data.heldout, r.data, self.tokenizer, r.run.seed, "data.heldout",
-                                                  skipped)
-            if r.eval.max_pairs is not None:
-                self.heldout_pairs = self.heldout_pairs[:r.eval.max_pairs]
-        self.train_pairs = self.loss.prepare_pairs(self.train_pairs, self.tokenizer)
-        if self.heldout_pairs:
-            self.heldout_pairs = self.loss.prepare_pairs(self.heldout_pairs, self.tokenizer)
+        if self.online:
+            online.setup_online(self)
+            num_items = len(self.train_examples)
+        else:
+            self._setup_pairs()
+            num_items = len(self.train_pairs)
         t = r.train
-        self.plan = StepPlan(len(self.train_pairs), t.batch_size, t.epochs, r.run.seed, t.shuffle, t.max_steps)
+        self.plan = StepPlan(num_items, t.batch_size, t.epochs, r.run.seed, t.shuffle, t.max_steps)
+        self.updates_per_step = r.rollout.updates_per_batch if self.online else 1
         self.n_micro = micro_batches_per_step(t.batch_size, self.world, t.micro_batch_size)
         acc.gradient_accumulation_steps = self.n_micro
         self._preflight()
@@ -140,8 +137,8 @@ class Trainer:
 
         warmup = t.warmup_steps or int(round(t.warmup_ratio * self.plan.total_steps))
         name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
-        self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.plan.total_steps)
+        self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup * self.updates_per_step,
+                                       num_training_steps=self.plan.total_steps * self.updates_per_step)
         self._configure_deepspeed()
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.ref_model = None
@@ -149,11 +146,29 @@ class Trainer:
             self.ref_model = PolicyLogProbs(self.reference.model).to(acc.device)
         self.ref_cache: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
         if self.loss.needs_reference and r.reference.precompute:
+            if self.online:
+                raise RecipeError("reference.precompute works on a fixed set of pairs; an online run samples new "
+                                  "completions every step. Set reference.precompute: false.")
             self.ref_cache = self._precompute_reference()
         if acc.is_main_process:
             write_run_record(self.output_dir, recipe_to_dict(r), r.run.seed, self.world)
         self.metrics = MetricsWriter(self.output_dir, r.logging.tensorboard, acc.is_main_process,
                                      append=self.resume)
+
+    def _setup_pairs(self) -> None:
+        """Tokenised training and held-out pairs of an offline run."""
+        r = self.recipe
+        skipped = self.output_dir / "skipped_rows.jsonl" if self.accelerator.is_main_process else None
+        self.train_pairs, self.train_stats, _ = load_pairs(r.data.train, r.data, self.tokenizer, r.run.seed,
+                                                           "data.train", skipped)
+        if r.data.heldout is not None:
+            self.heldout_pairs, _, _ = load_pairs(r.data.heldout, r.data, self.tokenizer, r.run.seed, "data.heldout",
+                                                  skipped)
+            if r.eval.max_pairs is not None:
+                self.heldout_pairs = self.heldout_pairs[:r.eval.max_pairs]
+        self.train_pairs = self.loss.prepare_pairs(self.train_pairs, self.tokenizer)
+        if self.heldout_pairs:
+            self.heldout_pairs = self.loss.prepare_pairs(self.heldout_pairs, self.tokenizer)
 
     def _configure_deepspeed(self) -> None:
         """Hand the recipe's batch geometry and clipping to DeepSpeed (no dataloader is prepared, so
@@ -176,12 +191,25 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.train.bf16)
 
-    def _reference_logps(self, batch: dict) -> torch.Tensor:
+    def _reference_logps(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         with torch.no_grad(), self._autocast():
             if self.ref_model is not None:
-                return self.ref_model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+                return self.ref_model(*args, temperature=temperature)
             with self.reference.context(self.peft_model):
-                return self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+                return self.model(*args, temperature=temperature)
+
+    def gathered_for_generation(self):
+        """Generation samples the whole model on each process: under ZeRO-3 its parameters are gathered for the
+        duration (a collective, so every process generates its share at its own pace without deadlocks);
+        elsewhere a no-op. The gathering time is logged as time/gather_parameters."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is None or plugin.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return _timed(deepspeed.zero.GatheredParameters(list(self.peft_model.parameters()), modifier_rank=None),
+                      self.timings, "time/gather_parameters")
 
     def _precompute_reference(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-token reference log-probs of every training pair, computed once and reused every epoch."""
@@ -235,8 +263,12 @@ class Trainer:
                               ref_rejected_logps=ref_l, chosen_token_weights=tw_w, rejected_token_weights=tw_l)
 
     def train_step(self, step: int) -> dict:
-        """One optimiser step: forward/backward over this process's micro-batches, then one update.
-        Returns the step's metrics, reduced over all processes."""
+        """One step: offline, forward/backward over this process's micro-batches of pairs, then one update; online,
+        a rollout batch and its updates (posttrain.online). Returns the step's metrics, reduced over processes."""
+        self.current_step = step
+        return online.online_step(self, step) if self.online else self._pairs_step(step)
+
+    def _pairs_step(self, step: int) -> dict:
         acc = self.accelerator
         indices = self.plan.indices(step)
         normaliser = self._normaliser(indices)
@@ -264,18 +296,24 @@ class Trainer:
         local = torch.tensor([loss_sum, weight_sum, float(tokens)] + [metric_sums[n] for n in names]
                              + [part_sums[n] for n in parts], dtype=torch.float64)
         total = acc.reduce(local.to(acc.device), reduction="sum").cpu() if self.world > 1 else local
-        grad_norm = self._clip_gradients()
-        record = {"loss": total[0].item(), "grad_norm": grad_norm, "learning_rate": self.scheduler.get_last_lr()[0],
-                  "num_tokens": total[2].item()}
+        record = {"loss": total[0].item(), "num_tokens": total[2].item()}
         for k, name in enumerate(names):
             record[name] = total[3 + k].item() / max(total[1].item(), 1e-12)
         for k, name in enumerate(parts):
             record[name] = total[3 + len(names) + k].item()
-        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+        where = ", ".join(f"{self.train_pairs[i].source} row {self.train_pairs[i].row}" for i in indices[:4])
+        record.update(self._finish_update(record["loss"], f"batch of {len(indices)} pairs: {where}"
+                                                          f"{', ...' if len(indices) > 4 else ''}"))
+        return record
+
+    def _finish_update(self, loss: float, where: str) -> dict:
+        """Clip, then take the optimiser and scheduler step, unless the loss or the gradient norm is not finite
+        (then stop or skip, per train.on_nonfinite). Returns grad_norm, learning_rate (and skipped)."""
+        grad_norm = self._clip_gradients()
+        record = {"grad_norm": grad_norm, "learning_rate": self.scheduler.get_last_lr()[0]}
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # Every process sees the same reduced loss and global norm, so all decide alike.
-            where = ", ".join(f"{self.train_pairs[i].source} row {self.train_pairs[i].row}" for i in indices[:4])
-            message = (f"step {step + 1}: the loss is {record['loss']} and the gradient norm {grad_norm} (batch of "
-                       f"{len(indices)} pairs: {where}{', ...' if len(indices) > 4 else ''}).")
+            message = f"step {self.current_step + 1}: the loss is {loss} and the gradient norm {grad_norm} ({where})."
             if self.recipe.train.on_nonfinite == "stop":
                 raise PosttrainError(message + " Stopping: lower train.lr, check those rows, or set "
                                                "train.on_nonfinite: skip to skip such steps.")
@@ -301,10 +339,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Optional[dict]:
-        """Held-out ranking accuracy and the rest of spec section 11 (R~, R*, alignment gap, difficulty,
+        """Offline: held-out ranking accuracy and the rest of spec section 11 (R~, R*, alignment gap, difficulty,
         implicit-reward accuracy, length split), each process scoring an equal shard; the latest report
-        goes to <output_dir>/eval/ (posttrain.eval.training)."""
-        return heldout_evaluation(self)
+        goes to <output_dir>/eval/ (posttrain.eval.training). Online: greedy pass@1 on the held-out prompts."""
+        return online.greedy_evaluation(self) if self.online else heldout_evaluation(self)
+
+    def has_heldout(self) -> bool:
+        return bool(self.heldout_examples if self.online else self.heldout_pairs)
 
     def score(self, pairs: list[TokenizedPair]) -> PairScores:
         """Summed log-probs of both responses of every pair under the current policy, each process
@@ -313,8 +354,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self, step: int, history: dict) -> dict:
-        return {"step": step, "epoch": self.plan.epoch_of(step), "data_position": step,
-                "recipe": recipe_to_dict(self.recipe), "world_size": self.world, "history": history}
+        state = {"step": step, "epoch": self.plan.epoch_of(step), "data_position": step,
+                 "recipe": recipe_to_dict(self.recipe), "world_size": self.world, "history": history}
+        if self.online:
+            state["sampler"] = self.sampler.state_dict()
+        return state
 
     def _gathered_trainable(self):
         """Under ZeRO-3 each process holds a shard of every parameter: gather the trainable ones (on
@@ -369,6 +413,8 @@ class Trainer:
             distributed.load_native_checkpoint(self, path, meta)
         else:
             distributed.restore_training_state(self, tensors, meta)
+        if self.online:
+            self.sampler.load_state_dict(state["sampler"])
         self.log.info("resumed from %s (step %d, written by %d process%s)", path, state["step"],
                       state.get("world_size", 1), "es" if state.get("world_size", 1) > 1 else "")
         self.metrics.truncate_after(state["step"])
@@ -394,18 +440,22 @@ class Trainer:
         acc = self.accelerator
         r = self.recipe
         start, history = self._try_resume() if self.resume else (0, {})
-        if start == 0 and r.eval.at_start and self.heldout_pairs:
+        headline = "pass@1" if self.online else "ranking_accuracy"
+        heldout_size = f"{len(self.heldout_examples)} prompts" if self.online else f"{len(self.heldout_pairs)} pairs"
+        if start == 0 and r.eval.at_start and self.has_heldout():
             history["heldout_before"] = self.evaluate()
             self.metrics.write(0, history["heldout_before"], prefix="eval")
-            self._say(f"held-out ranking accuracy before training: {history['heldout_before']['ranking_accuracy']:.4f} "
-                      f"({len(self.heldout_pairs)} pairs)")
+            self._say(f"held-out {headline.replace('_', ' ')} before training: "
+                      f"{history['heldout_before'][headline]:.4f} ({heldout_size})")
         bar = tqdm(total=self.plan.total_steps, initial=start, desc="training",
                    disable=not (acc.is_main_process and r.logging.progress_bar))
         self.model.train()
         started = time.time()
         for step in range(start, self.plan.total_steps):
             t0 = time.time()
+            self.timings: dict[str, float] = {}
             record = self.train_step(step)
+            record.update(self.timings)
             elapsed = time.time() - t0
             record["tokens_per_second"] = record.pop("num_tokens") / max(elapsed, 1e-9)
             record["epoch"] = (step + 1) / self.plan.steps_per_epoch
@@ -414,20 +464,24 @@ class Trainer:
             if done % r.logging.every == 0 or done == self.plan.total_steps:
                 self.metrics.write(done, record)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', float('nan')):.2f}")
-            if r.eval.every and done % r.eval.every == 0 and done != self.plan.total_steps and self.heldout_pairs:
+            if self.online:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record.get('reward/mean', float('nan')):.3f}")
+            else:
+                bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                acc=f"{record.get('rewards/accuracies', float('nan')):.2f}")
+            if r.eval.every and done % r.eval.every == 0 and done != self.plan.total_steps and self.has_heldout():
+                self.current_step = done
                 self.metrics.write(done, self.evaluate(), prefix="eval")
-            # --- evaluation issue: gradient-entanglement diagnostic (spec section 12), logged as entanglement/...
             from posttrain.eval.entanglement import entanglement_due, log_entanglement
 
-            if entanglement_due(r.eval, done):
+            if not self.online and entanglement_due(r.eval, done):  # spec section 12, on preference pairs
                 log_entanglement(self, done)
-            # --- end
             if r.checkpoint.every and done % r.checkpoint.every == 0 and done != self.plan.total_steps:
                 self.save(done, history)
         bar.close()
         train_time = time.time() - started
-        if r.eval.at_end and self.heldout_pairs:
+        self.current_step = self.plan.total_steps
+        if r.eval.at_end and self.has_heldout():
             history["heldout_after"] = self.evaluate()
             self.metrics.write(self.plan.total_steps, history["heldout_after"], prefix="eval")
         self.save(self.plan.total_steps, history, final=True)
@@ -436,13 +490,16 @@ class Trainer:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             before, after = history.get("heldout_before"), history.get("heldout_after")
             if after:
-                line = f"held-out ranking accuracy after training: {after['ranking_accuracy']:.4f}"
+                name = headline.replace("_", " ")
+                line = f"held-out {name} after training: {after[headline]:.4f}"
                 if before:
-                    delta = 100 * (after["ranking_accuracy"] - before["ranking_accuracy"])
-                    line = (f"held-out ranking accuracy: {before['ranking_accuracy']:.4f} before -> "
-                            f"{after['ranking_accuracy']:.4f} after ({delta:+.1f} points, {len(self.heldout_pairs)} pairs)")
+                    delta = 100 * (after[headline] - before[headline])
+                    line = (f"held-out {name}: {before[headline]:.4f} before -> {after[headline]:.4f} after "
+                            f"({delta:+.1f} points, {heldout_size})")
                 self._say(line)
         self.metrics.close()
+        if self.online:
+            self.rewards.close()
         acc.wait_for_everyone()
         return summary
 
@@ -463,3 +520,12 @@ def _recipe_differences(saved: dict, current: dict, prefix: str = "") -> list[st
         elif a != b:
             keys.append(path)
     return keys
+
+
+@contextlib.contextmanager
+def _timed(context, timings: dict, name: str):
+    """Enter `context`, adding the seconds its entry took to timings[name]."""
+    t0 = time.time()
+    with context:
+        timings[name] = timings.get(name, 0.0) + time.time() - t0
+        yield

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from posttrain.errors import DataError
 
@@ -48,7 +48,7 @@ class InvalidRow:
         return f"{self.source}, row {self.row}, field {self.field!r}: {self.reason}"
 
 
-def _iter_raw_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
+def iter_raw_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
     """Yield (row_number, record) for every record, 1-based, with errors naming file and row."""
     if path.is_dir():
         try:
@@ -105,7 +105,7 @@ def _iter_raw_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
                             f"that line.") from None
 
 
-def _is_messages(value: Any) -> bool:
+def is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
@@ -132,7 +132,7 @@ def _assistant_text(value: Any) -> Optional[str]:
     """A response given as a string or as messages ending in one assistant message."""
     if isinstance(value, str):
         return value
-    if _is_messages(value) and value and value[-1]["role"] == "assistant" and isinstance(value[-1]["content"], str):
+    if is_messages(value) and value and value[-1]["role"] == "assistant" and isinstance(value[-1]["content"], str):
         return value[-1]["content"] if len(value) == 1 else None
     return None
 
@@ -148,7 +148,7 @@ def _parse_trl(record: dict, source: str, row: int) -> Union[PreferenceRow, Inva
     chosen, rejected = record["chosen"], record["rejected"]
     prompt = record.get("prompt")
     if prompt is None:  # implicit prompt: shared leading messages
-        if not (_is_messages(chosen) and _is_messages(rejected)):
+        if not (is_messages(chosen) and is_messages(rejected)):
             return InvalidRow(source, row, "prompt", "missing field (and chosen/rejected are not message lists "
                                                      "from which to take an implicit prompt)")
         if chosen[:-1] != rejected[:-1]:
@@ -156,7 +156,7 @@ def _parse_trl(record: dict, source: str, row: int) -> Union[PreferenceRow, Inva
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
         if not prompt:
             return InvalidRow(source, row, "prompt", "empty prompt")
-    if not (isinstance(prompt, str) or _is_messages(prompt)):
+    if not (isinstance(prompt, str) or is_messages(prompt)):
         return InvalidRow(source, row, "prompt", "must be a string or a list of {role, content} messages")
     c_text, r_text = _assistant_text(chosen), _assistant_text(rejected)
     if c_text is None:
@@ -218,32 +218,57 @@ def handle_invalid(invalid: list[InvalidRow], policy: str, what: str) -> None:
         log.warning("  ... and %d more (all listed in the run's skipped_rows.jsonl)", len(invalid) - 20)
 
 
-def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
-                         limit: Optional[int] = None) -> tuple[list[PreferenceRow], list[InvalidRow]]:
-    """Read and validate every row of `path`. Returns (valid rows, invalid rows)."""
+def write_skipped_rows(invalid: list[InvalidRow], path: Optional[Path], what: str) -> None:
+    """Append the invalid rows to `path` as JSON Lines (the run's skipped_rows.jsonl), one object per row."""
+    if path is None or not invalid:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        for item in invalid:
+            handle.write(json.dumps({"split": what, "source": item.source, "row": item.row, "field": item.field,
+                                     "reason": item.reason}) + "\n")
+
+
+def parse_records(path: str, split: str, choose_parser: Callable, what: str,
+                  limit: Optional[int] = None) -> tuple[list, list[InvalidRow]]:
+    """Read every record of `path` and parse it with the parser that `choose_parser(record, source, row)` picks
+    from the first record. A parser returns a valid item or an InvalidRow. Returns (valid items, invalid rows);
+    stops after `limit` valid items. `what` names the contents in the empty-file error ("preference pairs")."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data path {path!r} does not exist (working directory {Path.cwd()}).")
     source = str(p)
-    rows: list[PreferenceRow] = []
+    items: list = []
     invalid: list[InvalidRow] = []
     parser = None
     records = 0
-    for number, record in _iter_raw_rows(p, split):
+    for number, record in iter_raw_rows(p, split):
         records += 1
         if not isinstance(record, dict):
             invalid.append(InvalidRow(source, number, "(row)", f"expected a JSON object, got {type(record).__name__}"))
             continue
         if parser is None:
-            kind = detect_format(record, source, number) if fmt == "auto" else fmt
-            parser = _parse_hh if kind == "hh" else _parse_trl
+            parser = choose_parser(record, source, number)
         parsed = parser(record, source, number)
-        if isinstance(parsed, PreferenceRow):
-            bad = validate_row(parsed)
-            parsed = bad or parsed
-        (rows if isinstance(parsed, PreferenceRow) else invalid).append(parsed)
-        if limit is not None and len(rows) >= limit:
+        (invalid if isinstance(parsed, InvalidRow) else items).append(parsed)
+        if limit is not None and len(items) >= limit:
             break
     if records == 0:
-        raise DataError(f"{source}: the data set is empty (no rows). Point `path:` at a file with preference pairs.")
-    return rows, invalid
+        raise DataError(f"{source}: the data set is empty (no rows). Point `path:` at a file with {what}.")
+    return items, invalid
+
+
+def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
+                         limit: Optional[int] = None) -> tuple[list[PreferenceRow], list[InvalidRow]]:
+    """Read and validate every row of `path`. Returns (valid rows, invalid rows)."""
+    def choose(record, source, number):
+        kind = detect_format(record, source, number) if fmt == "auto" else fmt
+        base = _parse_hh if kind == "hh" else _parse_trl
+
+        def parse(rec, src, row):
+            parsed = base(rec, src, row)
+            return (validate_row(parsed) or parsed) if isinstance(parsed, PreferenceRow) else parsed
+        return parse
+
+    return parse_records(path, split, choose, "preference pairs", limit)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
-from posttrain.data.readers import InvalidRow, handle_invalid, load_preference_rows
+from posttrain.data.readers import InvalidRow, handle_invalid, load_preference_rows, write_skipped_rows
 from posttrain.data.tasks import builtin_rows
 from posttrain.data.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
 from posttrain.errors import DataError
@@ -28,13 +27,7 @@ def load_pairs(source, data_cfg, tokenizer, seed: int = 0, what: str = "data.tra
                                                data_cfg.max_prompt_length, data_cfg.truncation)
     handle_invalid(untrainable, data_cfg.invalid_rows, what)
     invalid = invalid + untrainable
-    if skipped_log is not None and invalid:  # written before any error below, so the skipped rows are listed
-        skipped_log = Path(skipped_log)
-        skipped_log.parent.mkdir(parents=True, exist_ok=True)
-        with skipped_log.open("a", encoding="utf-8") as handle:
-            for item in invalid:
-                handle.write(json.dumps({"split": what, "source": item.source, "row": item.row, "field": item.field,
-                                         "reason": item.reason}) + "\n")
+    write_skipped_rows(invalid, skipped_log, what)  # before any error below, so the skipped rows are listed
     if not pairs:
         raise DataError(f"{what}: no usable pairs in {source.path or 'builtin:' + str(source.builtin)} "
                         f"({len(invalid)} invalid rows). Check the file and its fields.")

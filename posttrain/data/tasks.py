@@ -8,6 +8,12 @@ bare numbers of the same number of digits, so they have the same formatting and 
 and held-out (about 20%): no (a, b) of the held-out split occurs in training. Untrained
 SmolLM2-135M-Instruct ranks about 61% of held-out pairs correctly with the chat template.
 
+`addition` (for online RL on SmolLM2): "What is a + b? Answer with the number only." with operands
+1 to 40, the answer the sum (rejected: `wrong_sum`). About 20% of the 1,600 operand pairs are held
+out by the same hash rule (about 320 prompts). Untrained SmolLM2-135M-Instruct answers about 31% of
+them correctly when greedy with 16 new tokens and the chat template (it often explains instead of
+answering, or runs out of tokens): a task with room to learn from verifiable rewards.
+
 `tiny` (for tests with tiny random models): the prompt is a short string of digits; the chosen
 answer is the last digit plus one (mod 10), the rejected answer the last digit plus five (mod 10).
 A tiny model learns it in a few dozen steps. Held-out prompts are disjoint from training prompts.
@@ -47,6 +53,19 @@ def arithmetic_rows(split: str) -> list[PreferenceRow]:
     return rows
 
 
+def addition_rows(split: str) -> list[PreferenceRow]:
+    rows = []
+    for a in range(1, 41):
+        for b in range(1, 41):
+            if _split_of(f"add:{a}+{b}") != split:
+                continue
+            total = a + b
+            rows.append(PreferenceRow(f"What is {a} + {b}? Answer with the number only.", str(total),
+                                      str(wrong_sum(a, total)), f"builtin:addition/{split}", len(rows) + 1,
+                                      {"a": a, "b": b}))
+    return rows
+
+
 def tiny_rows(split: str) -> list[PreferenceRow]:
     rows = []
     for n in range(1000, 10000):
@@ -59,7 +78,7 @@ def tiny_rows(split: str) -> list[PreferenceRow]:
     return rows
 
 
-TASKS = {"arithmetic": arithmetic_rows, "tiny": tiny_rows}
+TASKS = {"arithmetic": arithmetic_rows, "addition": addition_rows, "tiny": tiny_rows}
 
 
 def builtin_rows(name: str, split: str, num_rows: int | None = None, seed: int = 0) -> list[PreferenceRow]:

@@ -58,6 +58,7 @@ class LossPlugin:
     needs_reference: bool = True
     level: ClassVar[str] = "sequence"
     data_kind: ClassVar[str] = "pairs"
+    needs_sampling_entropy: ClassVar[bool] = False  # groups: per-token entropy of the sampling policy (GTPO)
 
     @dataclass
     class Params:

@@ -103,6 +103,7 @@ class GTPOLoss(LossPlugin):
     needs_reference = False
     data_kind = "groups"
     level = "sequence"
+    needs_sampling_entropy = True
 
     @dataclass
     class Params:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import difflib
-import importlib
-import sys
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from posttrain.errors import RecipeError
+from posttrain.imports import import_object
 from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs
 
 LOSSES: dict[str, type[LossPlugin]] = {}
@@ -30,25 +29,7 @@ def register_loss(name: str):
 
 
 def _import_reference(ref: str, search_dirs: Iterable[Path]) -> type[LossPlugin]:
-    module_name, _, class_name = ref.partition(":")
-    extra = [str(Path(d).resolve()) for d in search_dirs] + [str(Path.cwd())]
-    for directory in extra:
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module: any error in it is theirs to see
-        raise RecipeError(
-            f"loss {ref!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}). The module is "
-            f"searched for in the recipe's directory, the working directory and the Python path "
-            f"({', '.join(extra)}); check the file name and that the module imports on its own."
-        ) from None
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise RecipeError(f"loss {ref!r}: module {module_name!r} has no attribute {class_name!r}.")
-    if not (isinstance(cls, type) and issubclass(cls, LossPlugin)):
-        raise RecipeError(f"loss {ref!r} is not a subclass of posttrain.losses.LossPlugin.")
-    return cls
+    return import_object(ref, search_dirs, f"loss {ref!r}", LossPlugin)
 
 
 def get_loss_class(name: str, search_dirs: Iterable[Path] = ()) -> type[LossPlugin]:

@@ -1,0 +1,118 @@
+"""Generation engines: the one interface the online trainer samples completions through.
+
+Contract (what an engine must do; docs/online_rl.md, "Adding a generation engine"):
+
+    engine.generate(prompts: list[list[int]], params: SamplingParams) -> list[Completion]
+
+- `prompts` are token ids of rendered prompts (chat template applied), one entry per *completion*
+  wanted: a group of G completions of one prompt is G copies of its ids, so the engine needs no
+  notion of groups.
+- Each `Completion.token_ids` holds the sampled tokens after the prompt, cut just after the first
+  stop token (which is kept: it counts in the loss as the end of the turn), or `max_new_tokens`
+  tokens when no stop token came (`truncated = True`). No padding.
+- Sampling follows `params` (temperature, top-p, top-k, length limits) from the *current* policy,
+  adapters on. The trainer never uses the engine's scores: old-policy log-probs come from its own
+  forward pass (logits / temperature), so an engine with other numerics (vLLM's kernels) still gives
+  exact PPO ratios.
+- `sync_weights(model)` is called before each rollout: an engine that keeps its own copy of the
+  weights (vLLM) loads the trainer's current weights there; the HF engine generates with the
+  training model itself and needs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    greedy: bool = False
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    truncated: bool  # no stop token within max_new_tokens
+
+
+class GenerationEngine:
+    """Base class of generation engines (see the module docstring for the contract)."""
+
+    def sync_weights(self, model) -> None:
+        """Load the trainer's current weights into the engine (no-op when it samples the training model)."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        raise NotImplementedError  # abstractmethod: every engine defines it
+
+
+def cut_at_stop(tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> Completion:
+    """The completion up to and including the first stop token; truncated if none came in time."""
+    for k, token in enumerate(tokens[:max_new_tokens]):
+        if token in stop_ids:
+            return Completion(tokens[:k + 1], truncated=False)
+    return Completion(tokens[:max_new_tokens], truncated=True)
+
+
+class HFGenerateEngine(GenerationEngine):
+    """`transformers` generate with the KV cache, on the training model itself (adapters on).
+
+    `model_getter()` returns the (peft) causal LM; `gather()` returns a context manager in which its
+    parameters are whole on every process (ZeRO-3: `deepspeed.zero.GatheredParameters`, so ranks whose
+    completions end at different lengths never wait on each other), else a null context; `autocast()`
+    the precision context (the trainer's bf16 autocast when the recipe asks for it).
+    Prompts are left-padded and generated `batch_size` at a time.
+    """
+
+    def __init__(self, model_getter: Callable, pad_id: int, stop_ids: list[int], batch_size: int = 64,
+                 gather: Optional[Callable] = None, autocast: Optional[Callable] = None):
+        self.model_getter = model_getter
+        self.pad_id = pad_id
+        self.stop_ids = set(int(i) for i in stop_ids)
+        self.batch_size = batch_size
+        self.gather = gather or contextlib.nullcontext
+        self.autocast = autocast or contextlib.nullcontext
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        model = self.model_getter()
+        was_training = model.training
+        model.eval()  # dropout off while sampling
+        use_cache = model.config.use_cache
+        model.config.use_cache = True
+        device = next(model.parameters()).device
+        out: list[Completion] = []
+        try:
+            with self.gather(), self.autocast():
+                for start in range(0, len(prompts), self.batch_size):
+                    chunk = prompts[start:start + self.batch_size]
+                    out += self._generate_chunk(model, chunk, params, device)
+        finally:
+            model.config.use_cache = use_cache
+            model.train(was_training)
+        return out
+
+    def _generate_chunk(self, model, prompts: list[list[int]], params: SamplingParams, device) -> list[Completion]:
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p):] = torch.tensor(p)
+            attention_mask[i, width - len(p):] = 1
+        kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
+                      eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad_id, use_cache=True)
+        if params.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        sequences = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+        new = sequences[:, width:].tolist()
+        return [cut_at_stop(tokens, self.stop_ids, params.max_new_tokens) for tokens in new]

@@ -1,0 +1,293 @@
+"""The online mode of the one trainer: rollouts, rewards, group losses, samplers, checkpoints (tiny models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import recipe_from, tiny_recipe
+from posttrain.losses import register_loss
+from posttrain.losses.grpo import GRPOLoss
+from posttrain.online import completion_tensors, split_groups, to_completion_layout
+from posttrain.rollout import Completion, HFGenerateEngine, RolloutRecord, SamplingParams, cut_at_stop
+from posttrain.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def online_recipe(model_dir, out, loss="grpo", params=None, reward="online_rewards:letter_share", **sections):
+    rollout = {"group_size": 4, "max_new_tokens": 8, "reward_workers": 0, **sections.pop("rollout", {})}
+    train = {"lr": 1e-2, "batch_size": 4, "micro_batch_size": 2, "max_steps": 3, "lr_scheduler": "constant",
+             **sections.pop("train", {})}
+    return tiny_recipe(model_dir, out, loss={"name": loss, "params": params or {}},
+                       data={"train": {"builtin": "tiny", "split": "train"},
+                             "heldout": {"builtin": "tiny", "split": "heldout", "num_rows": 32},
+                             "template": "plain", "max_length": 64},
+                       rewards=[{"name": reward}], rollout=rollout, train=train, **sections)
+
+
+def metrics_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_steps(out: Path) -> list[dict]:
+    return [m for m in metrics_of(out) if "reward/mean" in m]
+
+
+@pytest.fixture(autouse=True)
+def _rewards_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+# ------------------------------------------------------------------------------------------- pieces
+def test_cut_at_stop_keeps_the_stop_token_and_marks_truncation():
+    assert cut_at_stop([5, 6, 2, 2, 2], {2}, 5) == Completion([5, 6, 2], truncated=False)
+    assert cut_at_stop([5, 6, 7, 8], {2}, 4) == Completion([5, 6, 7, 8], truncated=True)
+    assert cut_at_stop([2], {2}, 3) == Completion([2], truncated=False)
+
+
+def test_hf_engine_returns_unpadded_completions_that_end_at_eos_or_the_limit(tiny_model_dir):
+    from posttrain.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    eos = model.config.eos_token_id
+    engine = HFGenerateEngine(lambda: model, pad_id=eos, stop_ids=[eos], batch_size=3)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    torch.manual_seed(0)
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1.0))
+    assert len(out) == 4
+    for c in out:
+        assert 1 <= len(c.token_ids) <= 6
+        assert c.truncated == (eos not in c.token_ids)
+        if not c.truncated:
+            assert c.token_ids.index(eos) == len(c.token_ids) - 1
+    forced = engine.generate(prompts, SamplingParams(max_new_tokens=5, min_new_tokens=5))
+    assert [len(c.token_ids) for c in forced] == [5, 5, 5, 5]  # min_new_tokens forbids EOS before the limit
+    greedy1 = engine.generate(prompts, SamplingParams(max_new_tokens=6, greedy=True))
+    greedy2 = engine.generate(prompts[::-1], SamplingParams(max_new_tokens=6, greedy=True))
+    assert [c.token_ids for c in greedy1] == [c.token_ids for c in greedy2[::-1]]  # left padding does not leak
+
+
+def test_groups_are_split_whole_over_processes_and_micro_batches():
+    groups = list(range(5))
+    per_rank = [split_groups(groups, 2, rank, per_micro=2, n_micro=2) for rank in (0, 1)]
+    assert per_rank[0] == [[0, 2], [4, None]] and per_rank[1] == [[1, 3], [None, None]]
+    flat = [g for rank in per_rank for micro in rank for g in micro if g is not None]
+    assert sorted(flat) == groups
+
+
+def test_completion_layout_and_truncation_mask():
+    records = [RolloutRecord(0, 0, [1, 2, 3], [7, 8], False, "", 0.0),
+               RolloutRecord(0, 0, [1, 2, 3], [7, 9, 9], True, "", 0.0)]
+    ids, mask = completion_tensors(records, masked_truncated=True)
+    assert ids.tolist() == [[7, 8, 0], [7, 9, 9]] and mask.tolist() == [[1, 1, 0], [0, 0, 0]]
+    _, kept = completion_tensors(records, masked_truncated=False)
+    assert kept.tolist() == [[1, 1, 0], [1, 1, 1]]
+    dense = torch.arange(12.0).reshape(2, 6)  # [N, L-1]: entry t-1 is the log-prob of token t
+    # prompt of 3 tokens: completion token j sits at position 3 + j, so its entry is 2 + j
+    assert to_completion_layout(dense, torch.tensor([3, 2]), 3).tolist() == [[2.0, 3.0, 4.0], [7.0, 8.0, 9.0]]
+
+
+# ------------------------------------------------------------------------------------------- a loss that inspects its inputs
+SEEN: list[dict] = []
+
+
+@register_loss("test_inspecting_grpo")
+class InspectingGRPO(GRPOLoss):
+    """GRPO that records what the trainer fed it."""
+
+    def __call__(self, inputs):
+        real = inputs.completion_weight > 0
+        SEEN.append({"log_ratio": (inputs.logps - inputs.old()).abs().max().item() if inputs.old_logps is not None
+                     else None, "groups": inputs.group_index[real].tolist(), "rows": int(real.sum()),
+                     "normaliser": inputs.normaliser, "advantages": inputs.advantages.clone(),
+                     "rewards": inputs.rewards[real].tolist()})
+        return super().__call__(inputs)
+
+
+def test_grpo_trains_online_and_raises_heldout_greedy_pass_rate(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    raw = online_recipe(tiny_model_dir, out, train={"max_steps": 16},
+                        sampler={"name": "uniform", "success_threshold": 0.85}, checkpoint={"every": 8})
+    summary = Trainer(recipe_from(raw)).train()
+    before, after = summary["heldout_before"]["pass@1"], summary["heldout_after"]["pass@1"]
+    assert after >= before + 0.25, (before, after)  # greedy decoding moves to letter-only tokens
+    steps = train_steps(out)
+    assert len(steps) == 16
+    for key in ("reward/mean", "reward/std", "groups/zero_variance_share", "pass@1", "completions/mean_length",
+                "completions/truncated_share", "entropy", "clip_ratio/region_mean", "grad_norm", "time/generation",
+                "time/train", "reward/online_rewards:letter_share"):
+        assert key in steps[0], key
+    assert {m["step"] for m in metrics_of(out) if "eval/pass@1" in m} == {0, 16}
+    state = json.loads((out / "checkpoints" / "step-00000016" / "trainer_state.json").read_text())
+    assert state["sampler"]["name"] == "uniform" and len(state["sampler"]["remaining"]) > 0
+    greedy = (out / "eval" / "greedy-step-00000016.jsonl").read_text().splitlines()
+    assert len(greedy) == 32 and {"completion", "reward", "success"} <= set(json.loads(greedy[0]))
+
+
+def test_one_update_per_rollout_gives_a_ratio_of_exactly_one_and_whole_groups(tiny_model_dir, tmp_path):
+    SEEN.clear()
+    raw = online_recipe(tiny_model_dir, tmp_path / "run", loss="test_inspecting_grpo",
+                        rollout={"recompute_old_logprobs": True}, train={"max_steps": 1, "batch_size": 4,
+                                                                          "micro_batch_size": 2},
+                        eval={"at_start": False, "at_end": False})
+    Trainer(recipe_from(raw)).train()
+    assert len(SEEN) == 2  # 4 groups, 2 per micro-batch
+    assert all(s["log_ratio"] == 0.0 for s in SEEN)  # pi_old pass and training pass agree bit for bit
+    for s in SEEN:
+        counts = {g: s["groups"].count(g) for g in set(s["groups"])}
+        assert set(counts.values()) == {4}  # whole groups of G = 4
+        assert s["normaliser"].sequences == 16  # global: all completions of the step
+    assert sorted(g for s in SEEN for g in set(s["groups"])) == [0, 1, 2, 3]
+
+
+def test_several_updates_per_rollout_use_the_old_policy(tiny_model_dir, tmp_path):
+    SEEN.clear()
+    raw = online_recipe(tiny_model_dir, tmp_path / "run", loss="test_inspecting_grpo",
+                        rollout={"updates_per_batch": 2}, train={"max_steps": 1, "micro_batch_size": 4},
+                        eval={"at_start": False, "at_end": False})
+    Trainer(recipe_from(raw)).train()
+    first, second = SEEN
+    assert first["log_ratio"] == 0.0 and second["log_ratio"] > 0  # the second update sees pi_theta != pi_old
+    assert torch.equal(first["advantages"], second["advantages"])  # one rollout batch, advantages computed once
+    lines = train_steps(tmp_path / "run")
+    assert "update2/loss" in lines[0] and lines[0]["learning_rate"] == 1e-2
+
+
+def test_zero_variance_filter_resamples_and_trains_only_on_informative_groups(tiny_model_dir, tmp_path):
+    SEEN.clear()
+    out = tmp_path / "run"
+    raw = online_recipe(tiny_model_dir, out, loss="test_inspecting_grpo",
+                        reward="online_rewards:letter_share_on_even_answers",
+                        rollout={"filter_zero_variance": True, "max_resample_rounds": 3},
+                        train={"max_steps": 2, "micro_batch_size": 4}, eval={"at_start": False, "at_end": False})
+    Trainer(recipe_from(raw)).train()
+    steps = train_steps(out)
+    assert all(m["filter/dropped_groups"] >= 1 or m["groups/zero_variance_share"] == 0 for m in steps)
+    assert sum(m["filter/resample_rounds"] for m in steps) >= 1
+    for m in steps:
+        assert m["filter/groups"] <= 4
+    trained = 0
+    for s in SEEN:  # every trained group has reward variance
+        for g in set(s["groups"]):
+            rewards = [r for r, h in zip(s["rewards"], s["groups"]) if h == g]
+            assert max(rewards) - min(rewards) > 1e-6, rewards
+            trained += 1
+    assert trained == sum(m["filter/groups"] for m in steps) > 0
+
+
+def test_truncated_completions_are_penalised_per_recipe(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    raw = online_recipe(tiny_model_dir, out, rollout={"truncated": "penalize", "truncated_reward": -1.0,
+                                                      "max_new_tokens": 3},
+                        train={"max_steps": 1}, eval={"at_start": False, "at_end": False})
+    Trainer(recipe_from(raw)).train()
+    (m,) = train_steps(out)
+    share = m["completions/truncated_share"]
+    assert share > 0.5  # a random tiny model rarely says EOS within 3 tokens
+    assert m["reward/mean"] <= -share + (1 - share) + 1e-9  # truncated ones got -1, the others at most 1
+
+
+@pytest.mark.parametrize("loss,params", [("gtpo", {}), ("copo", {}), ("grpo", {"beta": 0.04, "loss_type": "grpo"})])
+def test_each_group_loss_runs_a_step_through_the_trainer(tiny_model_dir, tmp_path, loss, params):
+    out = tmp_path / "run"
+    raw = online_recipe(tiny_model_dir, out, loss=loss, params=params, reward="online_rewards:first_character_is_vowel",
+                        rollout={"temperature": 1.0}, train={"max_steps": 2, "batch_size": 4, "micro_batch_size": 2},
+                        eval={"at_start": False, "at_end": False})
+    Trainer(recipe_from(raw)).train()
+    steps = train_steps(out)
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
+    if params.get("beta"):
+        assert "kl" in steps[0] and steps[1]["kl"] >= 0
+
+
+def test_copo_needs_two_prompts_per_step(tiny_model_dir, tmp_path):
+    raw = online_recipe(tiny_model_dir, tmp_path / "run", loss="copo", train={"max_steps": 1, "batch_size": 1,
+                                                                              "micro_batch_size": 1},
+                        eval={"at_start": False, "at_end": False})
+    from posttrain.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="2 prompts.*train.batch_size"):
+        Trainer(recipe_from(raw)).train()
+
+
+def test_an_online_loss_without_rewards_is_refused(tiny_model_dir, tmp_path):
+    from posttrain.errors import RecipeError
+
+    raw = online_recipe(tiny_model_dir, tmp_path / "run")
+    raw["rewards"] = []
+    with pytest.raises(RecipeError, match="needs at least one reward"):
+        Trainer(recipe_from(raw)).train()
+
+
+# ------------------------------------------------------------------------------------------- resume
+def _run_cli(recipe: Path, *extra, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "posttrain", "train", str(recipe), *extra], capture_output=True,
+                          text=True, env=env, cwd=recipe.parent, timeout=600)
+
+
+def test_kill_after_a_checkpoint_then_resume_restores_the_vade_sampler(tiny_model_dir, tmp_path):
+    shutil.copy(TESTS / "online_rewards.py", tmp_path / "online_rewards.py")  # found beside the recipe
+    runs = {}
+    for name in ("full", "killed"):
+        out = tmp_path / name
+        raw = online_recipe(tiny_model_dir, out, sampler={"name": "vade", "success_threshold": 0.9},
+                            rollout={"reward_workers": 1}, train={"max_steps": 4}, checkpoint={"every": 2},
+                            eval={"at_start": False, "at_end": False}, logging={"progress_bar": False,
+                                                                               "tensorboard": False})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        runs[name] = (path, out)
+    assert _run_cli(runs["full"][0]).returncode == 0
+    killed = _run_cli(runs["killed"][0], env={"POSTTRAIN_KILL_AFTER_CHECKPOINT": "2"})
+    assert killed.returncode != 0 and not (runs["killed"][1] / "summary.json").exists()
+    resumed = _run_cli(runs["killed"][0], "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    def final_state(out):
+        return json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())["sampler"]
+
+    assert final_state(runs["full"][1]) == final_state(runs["killed"][1])
+    full, again = train_steps(runs["full"][1]), train_steps(runs["killed"][1])
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    for a, b in zip(full, again):
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-8)
+
+
+# ------------------------------------------------------------------------------------------- shipped recipes
+def _online_recipes() -> list[str]:
+    from posttrain.config import load_recipe
+    from posttrain.losses import build_loss
+
+    names = []
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        if build_loss(load_recipe(path).loss).data_kind == "groups":
+            names.append(path.name)
+    return names
+
+
+@pytest.mark.parametrize("name", _online_recipes())
+def test_each_shipped_online_recipe_runs_a_step_on_a_tiny_model(name, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name data relative to the repository root
+    raw = yaml.safe_load((ROOT / "recipes" / name).read_text())
+    data = raw["data"]
+    data["train"] = {**data["train"], "limit": 8}
+    data["heldout"] = {**data["heldout"], "limit": 4}
+    raw.update(run={"output_dir": str(tmp_path / "run"), "seed": 0, "num_threads": 1},
+               model={**raw["model"], "name_or_path": str(tiny_model_dir)}, lora={**raw["lora"], "r": 4},
+               rollout={**raw["rollout"], "group_size": 2, "max_new_tokens": 4, "reward_workers": 0},
+               train={**raw["train"], "batch_size": 2, "micro_batch_size": 1, "max_steps": 1},
+               logging={"progress_bar": False, "tensorboard": False}, checkpoint={"every": 0})
+    summary = Trainer(recipe_from(raw)).train()
+    assert summary["steps"] == 1 and summary["heldout_after"]["num_prompts"] == 4

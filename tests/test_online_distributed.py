@@ -1,0 +1,100 @@
+"""Online RL under 2-process DeepSpeed ZeRO-3 with LoRA on CPU: generation with ranks that finish at different
+lengths, training, checkpoints, and a resume that restores the sampler (real DeepSpeed, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import tiny_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+UNEQUAL_ENGINE = '''
+from dataclasses import replace
+
+import torch.distributed as dist
+
+from posttrain.online import build_engine
+from posttrain.rollout import HFGenerateEngine
+
+
+class UnequalLengths(HFGenerateEngine):
+    """The HF engine, but process 1 always generates 4x as many tokens as process 0, so under ZeRO-3 the ranks
+    run different numbers of forward passes."""
+
+    def __init__(self, trainer):
+        trainer.recipe.rollout.engine = "hf"
+        base = build_engine(trainer)
+        super().__init__(base.model_getter, base.pad_id, base.stop_ids, base.batch_size, base.gather, base.autocast)
+        self.stop_ids = set()  # never stop early: lengths are exactly as set below
+
+    def generate(self, prompts, params):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        n = 2 if rank == 0 else 8
+        return super().generate(prompts, replace(params, max_new_tokens=n, min_new_tokens=n))
+'''
+
+
+def _launch(recipe: Path, *extra, env=None, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{recipe.parent}", "POSTTRAIN_PG_TIMEOUT": "90",
+           **(env or {})}
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "accelerate_configs" / "cpu_zero3_2proc.yaml"), "--main_process_port", str(port),
+                           "-m", "posttrain", "train", str(recipe), *extra],
+                          capture_output=True, text=True, env=env, cwd=recipe.parent, timeout=400)
+
+
+@pytest.mark.slow
+def test_zero3_online_run_with_unequal_generation_lengths_checkpoints_and_resumes(tiny_model_dir, tmp_path):
+    (tmp_path / "unequal_engine.py").write_text(UNEQUAL_ENGINE)
+    shutil.copy(TESTS / "online_rewards.py", tmp_path / "online_rewards.py")
+    recipes = {}
+    for name in ("full", "killed"):
+        raw = tiny_recipe(tiny_model_dir, tmp_path / name, loss={"name": "grpo", "params": {}},
+                          data={"train": {"builtin": "tiny", "split": "train"},
+                                "heldout": {"builtin": "tiny", "split": "heldout", "num_rows": 6},
+                                "template": "plain", "max_length": 64},
+                          rewards=[{"name": "online_rewards:letter_share"}],
+                          rollout={"group_size": 2, "max_new_tokens": 8, "reward_workers": 0,
+                                   "engine": "unequal_engine:UnequalLengths"},
+                          sampler={"name": "vade", "success_threshold": 0.8},
+                          train={"lr": 1e-2, "batch_size": 4, "micro_batch_size": 1, "max_steps": 4,
+                                 "lr_scheduler": "constant"},
+                          checkpoint={"every": 2}, eval={"at_start": False, "at_end": True},
+                          logging={"progress_bar": False, "tensorboard": False})
+        recipes[name] = tmp_path / f"{name}.yaml"
+        recipes[name].write_text(yaml.safe_dump(raw))
+
+    full = _launch(recipes["full"], port=29531)
+    assert full.returncode == 0, full.stderr[-4000:]
+    steps = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in steps if "reward/mean" in m]
+    assert [m["step"] for m in train] == [1, 2, 3, 4]
+    # 2 groups of 2 completions per process: 2 tokens on rank 0, 8 on rank 1 -> mean length 5
+    assert all(m["completions/mean_length"] == 5.0 and m["completions/max_length"] == 8.0 for m in train)
+    assert all(m["time/gather_parameters"] >= 0 for m in train)
+    assert json.loads((tmp_path / "full" / "run.json").read_text())["world_size"] == 2
+
+    killed = _launch(recipes["killed"], env={"POSTTRAIN_KILL_AFTER_CHECKPOINT": "2"}, port=29533)
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "summary.json").exists()
+    resumed = _launch(recipes["killed"], "--resume", port=29535)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+
+    def sampler_state(run: str) -> dict:
+        return json.loads((tmp_path / run / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())["sampler"]
+
+    assert sampler_state("full") == sampler_state("killed")
+    again = [m for m in (json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines())
+             if "reward/mean" in m]
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    for a, b in zip(train, again):
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-6)
