@@ -73,11 +73,12 @@ def prepare_staging(output_dir: Path, step: int) -> Path:
     return staging
 
 
-def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[dict, dict], scheduler, rng: dict,
-                    state: dict, keep_last: int) -> Path:
+def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[dict, dict], scheduler,
+                    rngs: list[dict], state: dict, keep_last: int) -> Path:
     """Write checkpoint `step` (see the module docstring) into its prepared staging directory, which
     may already hold DeepSpeed's own files, and rename it into place. `training_state` is the (tensors,
-    meta) of posttrain.distributed; `model` None writes no adapter/ (DeepSpeed's files hold the model)."""
+    meta) of posttrain.distributed; `model` None writes no adapter/ (DeepSpeed's files hold the model);
+    `rngs` holds every process's RNG state (processes sample differently, e.g. online rollouts)."""
     from safetensors.torch import save_file
 
     root = checkpoint_root(output_dir)
@@ -90,7 +91,7 @@ def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[di
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainable_state.safetensors"))
     (tmp / "trainable_state.json").write_text(json.dumps(meta, indent=1))
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_plain_rng(rng), tmp / "rng.pt")
+    torch.save({"per_process": [_plain_rng(rng) for rng in rngs]}, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     _maybe_kill("POSTTRAIN_KILL_BEFORE_RENAME", step)
     if final.exists():
@@ -147,8 +148,9 @@ def restore_rng(saved: dict) -> None:
     torch.set_rng_state(saved["torch"])
 
 
-def read_checkpoint(path: Path, scheduler) -> tuple[dict, dict, dict]:
-    """(tensors, meta, trainer state) of checkpoint `path`, with the scheduler and RNG restored. The
+def read_checkpoint(path: Path, scheduler, rank: int = 0) -> tuple[dict, dict, dict]:
+    """(tensors, meta, trainer state) of checkpoint `path`, with the scheduler and process `rank`'s RNG
+    restored (on another number of processes, process r takes the state of process r mod saved). The
     tensors hold every trainable parameter under `param/<name>`, also for full fine-tuning (read from
     adapter/), so that posttrain.distributed.restore_training_state puts everything back in one place."""
     from safetensors.torch import load_file
@@ -166,5 +168,6 @@ def read_checkpoint(path: Path, scheduler) -> tuple[dict, dict, dict]:
         for file in sorted((path / "adapter").glob("*.safetensors")):
             tensors.update({f"param/{k}": v for k, v in load_file(str(file)).items()})
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    restore_rng(torch.load(path / "rng.pt", weights_only=True))
+    rngs = torch.load(path / "rng.pt", weights_only=True)["per_process"]
+    restore_rng(rngs[rank % len(rngs)])
     return tensors, meta, json.loads((path / "trainer_state.json").read_text())

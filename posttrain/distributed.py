@@ -144,6 +144,15 @@ def restore_training_state(trainer, tensors: dict[str, torch.Tensor], meta: dict
             safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].float(), key)
 
 
+def gather_objects(trainer, value) -> list:
+    """`value` of every process, in rank order, on every process."""
+    if trainer.world == 1:
+        return [value]
+    values = [None] * trainer.world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def native_checkpoint_meta(trainer) -> dict:
     return {"deepspeed_native": True, "world_size": trainer.world, "zero_stage": zero_stage(trainer.accelerator)}
 

@@ -386,11 +386,12 @@ class Trainer:
             training_state = ({}, distributed.native_checkpoint_meta(self))
         else:
             training_state = distributed.gather_training_state(self, with_parameters=self.recipe.lora.enabled)
+        rngs = distributed.gather_objects(self, rng_state())
         acc.wait_for_everyone()
         with self._gathered_trainable():
             if acc.is_main_process:
                 ckpt.save_checkpoint(self.output_dir, step, None if native else self.peft_model, training_state,
-                                     self.scheduler, rng_state(), self._trainer_state(step, history),
+                                     self.scheduler, rngs, self._trainer_state(step, history),
                                      self.recipe.checkpoint.keep_last)
                 if final:
                     ckpt.save_final(self.peft_model, self.tokenizer, self.output_dir)
@@ -408,7 +409,7 @@ class Trainer:
         if differences and not self.force:
             raise PosttrainError(f"cannot resume from {path}: the recipe differs from the checkpoint's in "
                                  f"{', '.join(differences)}. Restore those values, or pass --force to resume anyway.")
-        tensors, meta, state = ckpt.read_checkpoint(path, self.scheduler)
+        tensors, meta, state = ckpt.read_checkpoint(path, self.scheduler, self.rank)
         if meta.get("deepspeed_native"):
             distributed.load_native_checkpoint(self, path, meta)
         else:
