@@ -317,7 +317,7 @@ class Trainer:
             if self.recipe.train.on_nonfinite == "stop":
                 raise PosttrainError(message + " Stopping: lower train.lr, check those rows, or set "
                                                "train.on_nonfinite: skip to skip such steps.")
-            if distributed.zero_stage(acc) is not None:
+            if distributed.zero_stage(self.accelerator) is not None:
                 raise PosttrainError(message + " Stopping although train.on_nonfinite is skip: under DeepSpeed "
                                                "the engine applies the update inside the last backward pass, so "
                                                "this step cannot be skipped. Lower train.lr or check those rows, "

@@ -32,7 +32,7 @@ def _data_with(tmp_path: Path, content: bytes) -> dict:
     return {"train": {"path": str(path)}, "heldout": None}
 
 
-def _case(name: str, tmp_path: Path, model_dir: Path) -> tuple[dict, list[str]]:
+def _case(name: str, tmp_path: Path) -> tuple[dict, list[str]]:
     """(recipe changes, words the message must contain) of one mistake."""
     good = (_valid_row(0) + "\n" + _valid_row(1) + "\n").encode()
     if name == "corrupt jsonl line":
@@ -72,7 +72,7 @@ CASES = ["corrupt jsonl line", "non-utf8 file", "wrong field names", "empty data
 
 
 def _recipe(tmp_path: Path, model_dir: Path, case: str) -> tuple[Path, list[str], Path]:
-    changes, words = _case(case, tmp_path, model_dir)
+    changes, words = _case(case, tmp_path)
     run = tmp_path / "run"
     raw = tiny_recipe(model_dir, run, logging={"progress_bar": False, "tensorboard": False},
                       train={"max_steps": 2, "batch_size": 2, "micro_batch_size": 2})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from helpers import recipe_from, tiny_recipe, write_varied_pairs
 from posttrain import cli
@@ -42,8 +43,6 @@ def test_the_token_limit_is_checked_before_training_and_names_what_fits(tiny_mod
     limit = largest - 1
     raw = _raw(tiny_model_dir, tmp_path, max_tokens_per_micro_batch=limit)
     recipe = tmp_path / "r.yaml"
-    import yaml
-
     recipe.write_text(yaml.safe_dump(raw))
     assert cli.main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err
