@@ -83,12 +83,13 @@ def _launch_command(backend: str, recipe: Path, *extra: str) -> list[str]:
 
 
 def _env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "POSTTRAIN_PG_TIMEOUT": "30", **extra}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "POSTTRAIN_PG_TIMEOUT": "120", **extra}
 
 
 def _failure(stderr: str) -> str:
     """The error lines of every process, then the end of the output."""
-    errors = [line for line in stderr.splitlines() if "Error" in line or "error" in line]
+    signs = ("Error", "error", "terminate", "what()", "Abort", "abort", "Signal")
+    errors = [line for line in stderr.splitlines() if any(sign in line for sign in signs)]
     return "\n".join(errors[-30:]) + "\n...\n" + stderr[-2000:]
 
 
