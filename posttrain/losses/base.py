@@ -13,6 +13,7 @@ from typing import ClassVar, Optional
 import torch
 
 from posttrain.core.unified import Normaliser, policy_gradient_surrogate
+from posttrain.params import WithParams
 
 
 @dataclass
@@ -49,7 +50,7 @@ class LossOutput:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class LossPlugin:
+class LossPlugin(WithParams):
     """Base class of every loss. Subclass it, give `Params` (a dataclass of hyperparameters with the
     paper's defaults) and `__call__`, and register it with `@register_loss("name")`, or reference it
     from a recipe as `my_module:MyLoss`."""
@@ -60,15 +61,6 @@ class LossPlugin:
     data_kind: ClassVar[str] = "pairs"
     needs_sampling_entropy: ClassVar[bool] = False  # groups: per-token entropy of the sampling policy (GTPO)
 
-    @dataclass
-    class Params:
-        pass
-
-    def __init__(self, params=None):
-        self.params = params if params is not None else self.Params()
-        check = getattr(self.params, "validate", None)
-        if callable(check):
-            check()
 
     def prepare_pairs(self, pairs: list, tokenizer) -> list:
         """Called once on the tokenised training and held-out pairs, before training. A loss that needs

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
 
 from posttrain.errors import PosttrainError
+from posttrain.params import WithParams
 from posttrain.rewards.example import PromptExample
 
 
@@ -30,7 +31,7 @@ class RewardResult:
     components: dict[str, float] = field(default_factory=dict)
 
 
-class RewardFunction:
+class RewardFunction(WithParams):
     """Base class of every reward. Subclass it, give `Params` (a dataclass of options with defaults),
     `components` (the names every call reports, for logging) and `__call__`; register it with
     `@register_reward("name")` or reference it from a recipe as `my_module:MyReward`."""
@@ -38,15 +39,6 @@ class RewardFunction:
     name: ClassVar[str] = ""
     components: ClassVar[tuple[str, ...]] = ()
 
-    @dataclass
-    class Params:
-        pass
-
-    def __init__(self, params=None):
-        self.params = params if params is not None else self.Params()
-        check = getattr(self.params, "validate", None)
-        if callable(check):
-            check()
 
     def __call__(self, completion: str, example: PromptExample) -> RewardResult:
         raise NotImplementedError  # abstractmethod: every reward defines it
