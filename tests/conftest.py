@@ -54,3 +54,16 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     make_tiny_model(len(tok)).save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def cli_stderr(capsys):
+    """capsys for a run of the CLI's main function in this process. posttrain's log handler binds
+    sys.stderr when first created, so it is created afresh on this test's stream and dropped after."""
+    import logging
+
+    logger = logging.getLogger("posttrain")
+    saved = logger.handlers[:]
+    logger.handlers.clear()
+    yield capsys
+    logger.handlers[:] = saved

@@ -22,6 +22,7 @@ from posttrain import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
 def _valid_row(i: int = 0) -> str:
     return json.dumps({"prompt": f"Question {i}?", "chosen": " yes", "rejected": " no"})
 
@@ -86,12 +87,12 @@ def _assert_nothing_written(run: Path) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_mistake_gets_one_paragraph_and_leaves_nothing_behind(case, tmp_path, tiny_model_dir, capsys,
+def test_a_mistake_gets_one_paragraph_and_leaves_nothing_behind(case, tmp_path, tiny_model_dir, cli_stderr,
                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)  # a new user's working directory, not the repository
     path, words, run = _recipe(tmp_path, tiny_model_dir, case)
     assert cli.main(["train", str(path)]) == 2
-    err = capsys.readouterr().err
+    err = cli_stderr.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("posttrain error")]
     assert len(errors) == 1, err[-3000:]
     for word in words:

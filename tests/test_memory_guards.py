@@ -14,6 +14,7 @@ from posttrain.errors import PosttrainError
 from posttrain.trainer import Trainer
 
 
+
 def _raw(tiny_model_dir, tmp_path, **train):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_varied_pairs(tmp_path / "varied.jsonl", n=12)
@@ -38,14 +39,14 @@ def _largest_collated_batch(raw, monkeypatch) -> int:
 
 
 def test_the_token_limit_is_checked_before_training_and_names_what_fits(tiny_model_dir, tmp_path, monkeypatch,
-                                                                       capsys):
+                                                                       cli_stderr):
     largest = _largest_collated_batch(_raw(tiny_model_dir, tmp_path / "measured"), monkeypatch)
     limit = largest - 1
     raw = _raw(tiny_model_dir, tmp_path, max_tokens_per_micro_batch=limit)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     assert cli.main(["train", str(recipe)]) == 2
-    err = capsys.readouterr().err
+    err = cli_stderr.readouterr().err
     [message] = [line for line in err.splitlines() if line.startswith("posttrain error")]  # one paragraph
     assert message.startswith("posttrain error: the largest micro-batch") and "Traceback" not in err
     assert f"= {largest} tokens) exceeds train.max_tokens_per_micro_batch={limit}" in message
