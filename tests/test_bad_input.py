@@ -22,7 +22,6 @@ from posttrain import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def _valid_row(i: int = 0) -> str:
     return json.dumps({"prompt": f"Question {i}?", "chosen": " yes", "rejected": " no"})
 
