@@ -300,7 +300,7 @@ def run_numerics(spec: dict) -> dict:
             prompt_l, rejected = parts(k + b)
             assert prompt == prompt_l
             pairs.append(TokenizedPair(prompt, chosen, rejected))
-        rows = build_pair_rows(pairs, trainer.processing_class.pad_token_id, share_prompt=True, pack_tokens=2048)
+        rows = build_pair_rows(pairs, trainer.processing_class.pad_token_id, share_prompt=True, pack_tokens=1024)
         logprobs = PolicyLogProbs(model)
         with torch.no_grad():
             chosen, rejected = rows.split(logprobs(*rows.model_inputs()))

@@ -146,7 +146,7 @@ class TrainConfig:
     # Row layout of offline pairs (posttrain.data.layout, docs/performance.md); same numbers as the plain path.
     share_prompt: bool = False  # one row per pair: the prompt computed once, both responses attend to it
     packing: bool = False  # several sequences per row, position ids restarting, attention confined to each
-    pack_tokens: int = 2048  # positions per packed row (a longer sequence gets a row of its own)
+    pack_tokens: int = 1024  # about this many positions per packed row (rows of balanced length)
 
 
 @dataclass

@@ -121,7 +121,8 @@ def test_rows_hold_the_tokens_each_layout_promises():
     assert shared.total_positions == shared.real_tokens == sum(shared_length(p) for p in pairs)
     assert shared.real_tokens == separate - sum(len(p.prompt_ids) - 1 for p in pairs)
     budget = build_pair_rows(pairs, pad_id=2, share_prompt=True, pack_tokens=60)
-    assert budget.input_ids.shape[1] <= max(60, max(shared_length(p) for p in pairs)) and budget.input_ids.shape[0] > 1
+    assert budget.input_ids.shape[0] == -(-shared.real_tokens // 60)
+    assert budget.input_ids.shape[1] < 60 + max(shared_length(p) for p in pairs)
     # the mask: a rejected token sees the prompt and the rejected branch, never the chosen response
     p = pairs[1]
     row = build_pair_rows([p], pad_id=2, share_prompt=True)
@@ -131,9 +132,11 @@ def test_rows_hold_the_tokens_each_layout_promises():
     assert row.position_ids[0, P + C:P + C + 2].tolist() == [P - 1, P]
 
 
-def test_pack_is_first_fit_decreasing_and_keeps_oversized_segments_alone():
-    assert pack([5, 3, 8, 2, 9], 10) == [[4], [2, 3], [0, 1]]  # 9 | 8+2 | 5+3
+def test_pack_balances_rows_longest_first():
+    assert pack([5, 3, 8, 2, 9], 10) == [[4], [2, 3], [0, 1]]  # 27 positions: 3 rows, 9 | 8+2 | 5+3
+    assert pack([6, 6, 5, 5], 12) == [[0, 2], [1, 3]]  # 11 + 11, where filling rows in turn gives 12 + 10
     assert pack([12, 3], 10) == [[0], [1]]
+    assert pack([4, 4, 4], 100) == [[0, 1, 2]]
 
 
 def test_token_weights_follow_the_responses():

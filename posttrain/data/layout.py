@@ -8,10 +8,9 @@ A pair (x, y_w, y_l) becomes *segments*, and segments are laid out in *rows*:
   twice. A 4-D mask lets y_l see x but not y_w, and position ids of y_l continue from x's end. The
   repeated last prompt token (at x's last position, attending to x like the original) predicts the
   first rejected token, so the shift-by-one convention holds without special cases.
-- packing: several segments per row (first-fit decreasing into rows of at most `pack_tokens`
-  positions, or the longest segment if longer), position ids restarting at every segment and
-  attention confined to it (block-diagonal mask). Padding is only what is left at the end of a
-  row when the rows are stacked: none at all when every segment of the batch fits one row.
+- packing: several segments per row (ceil(total / `pack_tokens`) rows of balanced length), position
+  ids restarting at every segment and attention confined to it (block-diagonal mask). Padding is
+  only what is left at the end of a row when the rows are stacked: none at all in one row.
 
 Every position carries a segment id and a branch id (0: the shared prompt, seen by both responses;
 1: the chosen response, or the whole sequence of a plain segment; 2: the rejected response; padding
@@ -26,6 +25,7 @@ path up to float summation order (tests/test_layout.py checks 1e-9 in float64).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -89,20 +89,17 @@ def pair_segments(pair: TokenizedPair, share_prompt: bool):
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: segment indices grouped into rows of at most `capacity` positions (a longer
-    segment gets a row of its own). Rows are returned in order of their first segment's length."""
-    rows: list[list[int]] = []
-    room: list[int] = []
+    """Segment indices grouped into k = ceil(total / capacity) rows of balanced length: longest first, each
+    into the currently shortest row. Stacked rows are padded to the longest, so balanced rows carry the least
+    padding for their number; a row may exceed `capacity` by less than its longest segment."""
+    k = max(1, math.ceil(sum(lengths) / capacity))
+    rows: list[list[int]] = [[] for _ in range(k)]
+    filled = [0] * k
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r in range(len(rows)):
-            if lengths[i] <= room[r]:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - lengths[i])
-    return rows
+        r = min(range(k), key=lambda r: filled[r])
+        rows[r].append(i)
+        filled[r] += lengths[i]
+    return [row for row in rows if row]
 
 
 def _response_tensors(values: list[list[float]], width: int, dtype) -> torch.Tensor:
@@ -116,7 +113,7 @@ def build_pair_rows(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool 
                     pack_tokens: Optional[int] = None, attention: str = "sdpa",
                     mask_dtype: torch.dtype = torch.float32) -> PairRows:
     """Lay out `pairs` (see the module docstring). `pack_tokens=None`: one segment per row; otherwise
-    rows of up to that many positions. `attention` is the model's attention implementation: sdpa takes
+    rows of about that many positions. `attention` is the model's attention implementation: sdpa takes
     a boolean 4-D mask, eager an additive one in `mask_dtype`."""
     if not pairs:
         raise ValueError("build_pair_rows: no pairs to lay out.")
@@ -134,7 +131,7 @@ def build_pair_rows(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool 
         owner = list(range(B)) * 2
     lengths = [len(s[0]) for s in segments]
     plain = not share_prompt and pack_tokens is None
-    rows = [[s] for s in range(len(segments))] if pack_tokens is None else pack(lengths, max(pack_tokens, max(lengths)))
+    rows = [[s] for s in range(len(segments))] if pack_tokens is None else pack(lengths, pack_tokens)
     n, W = len(rows), max(sum(lengths[s] for s in row) for row in rows)
 
     T = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
