@@ -172,3 +172,13 @@ def test_trainer_switches_take_the_same_steps(tiny_model_dir, tmp_path, float64_
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-9)
             assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-7, abs=1e-12)
             assert b["num_tokens"] == a["num_tokens"]
+
+
+def test_trainer_refuses_the_layouts_where_the_mask_would_not_be_honoured(tiny_model_dir, tmp_path):
+    from posttrain.errors import RecipeError
+
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", model={"attn_implementation": "flex_attention"},
+                      data={"train": {"builtin": "tiny", "split": "train", "num_rows": 8}, "heldout": None},
+                      train={"share_prompt": True}, logging={"progress_bar": False, "tensorboard": False})
+    with pytest.raises(RecipeError, match="train.share_prompt and train.packing need sdpa or eager"):
+        Trainer(recipe_from(raw)).setup()
