@@ -90,8 +90,9 @@ def pair_segments(pair: TokenizedPair, share_prompt: bool):
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     """Segment indices grouped into k = ceil(total / capacity) rows of balanced length: longest first, each
-    into the currently shortest row. Stacked rows are padded to the longest, so balanced rows carry the least
-    padding for their number; a row may exceed `capacity` by less than its longest segment."""
+    into the currently shortest row. Stacked rows are padded to the longest, so balancing them keeps the padding
+    small (filling rows in turn would leave a short last row); a row may exceed `capacity` by up to its longest
+    segment."""
     k = max(1, math.ceil(sum(lengths) / capacity))
     rows: list[list[int]] = [[] for _ in range(k)]
     filled = [0] * k
