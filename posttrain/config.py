@@ -145,6 +145,10 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient norm stops the run or skips the step
     # Checked before training against the largest micro-batch the plan builds (sequences x padded length).
     max_tokens_per_micro_batch: Optional[int] = None
+    # Row layout of offline pairs (posttrain.data.layout, docs/performance.md); same numbers as the plain path.
+    share_prompt: bool = False  # one row per pair: the prompt computed once, both responses attend to it
+    packing: bool = False  # several sequences per row, position ids restarting, attention confined to each
+    pack_tokens: int = 1024  # about this many positions per packed row (rows of balanced length)
 
 
 @dataclass
@@ -317,6 +321,7 @@ def _check_ranges(recipe: Recipe) -> None:
         (t.lr > 0, f"train.lr must be positive, got {t.lr}. A typical LoRA learning rate is 1e-4 to 5e-4."),
         (t.batch_size >= 1, f"train.batch_size must be at least 1, got {t.batch_size}."),
         (t.micro_batch_size >= 1, f"train.micro_batch_size must be at least 1, got {t.micro_batch_size}."),
+        (t.pack_tokens >= 2, f"train.pack_tokens must be at least 2, got {t.pack_tokens}."),
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}."),
         (t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}."),
         (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}."),

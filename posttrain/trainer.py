@@ -24,11 +24,11 @@ from posttrain import checkpoint as ckpt
 from posttrain import distributed, memory, online
 from posttrain.config import Recipe, recipe_to_dict
 from posttrain.core import Normaliser, PolicyLogProbs
-from posttrain.data.collate import collate_pairs
+from posttrain.data.layout import PairRows, build_pair_rows, shared_length
 from posttrain.data.sources import load_pairs
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.errors import PosttrainError, RecipeError
-from posttrain.eval.ranking import PairScores, choose_layout
+from posttrain.eval.ranking import PairScores, attention_kind, choose_layout, model_dtype
 from posttrain.eval.training import heldout_evaluation, sharded_scores
 from posttrain.logs import MetricsWriter, get_logger
 from posttrain.losses import PairLossInputs, build_loss
@@ -145,6 +145,8 @@ class Trainer:
         if self.reference.kind == "separate":
             self.ref_model = PolicyLogProbs(self.reference.model).to(acc.device)
         self.ref_cache: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+        if not self.online:
+            self._check_layout()
         if self.loss.needs_reference and r.reference.precompute:
             if self.online:
                 raise RecipeError("reference.precompute works on a fixed set of pairs; an online run samples new "
@@ -192,7 +194,7 @@ class Trainer:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.train.bf16)
 
     def _reference_logps(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
-        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch.get("position_ids"))
         with torch.no_grad(), self._autocast():
             if self.ref_model is not None:
                 return self.ref_model(*args, temperature=temperature)
@@ -211,28 +213,50 @@ class Trainer:
         return _timed(deepspeed.zero.GatheredParameters(list(self.peft_model.parameters()), modifier_rank=None),
                       self.timings, "time/gather_parameters")
 
+    def _check_layout(self) -> None:
+        """train.share_prompt and train.packing need a custom 4-D mask honoured exactly (choose_layout's test)."""
+        t = self.recipe.train
+        if (t.share_prompt or t.packing) and choose_layout(self.model, self.train_pairs, "auto") != "shared":
+            raise RecipeError("train.share_prompt and train.packing need sdpa or eager attention "
+                              "(model.attn_implementation), a non-empty prompt in every pair and no sliding window "
+                              "shorter than a sequence. Switch them off for this model or data.")
+
+    def _rows(self, pairs: list[TokenizedPair]) -> PairRows:
+        """The micro-batch's pairs in the recipe's row layout (posttrain.data.layout)."""
+        t = self.recipe.train
+        return build_pair_rows(pairs, self.pad_id, share_prompt=t.share_prompt,
+                               pack_tokens=t.pack_tokens if t.packing else None,
+                               attention=attention_kind(self.model), mask_dtype=model_dtype(self.model))
+
+    def _row_length(self, pair: TokenizedPair) -> int:
+        if self.recipe.train.share_prompt:
+            return shared_length(pair)
+        return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
     def _precompute_reference(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-token reference log-probs of every training pair, computed once and reused every epoch."""
+        """Per-token reference log-probs of every training pair, computed once (in the training layout, pairs
+        sorted by length, `eval.batch_size` pairs per pass) and reused every epoch."""
         cache: list = [None] * len(self.train_pairs)
         bs = self.recipe.eval.batch_size
-        order = sorted(range(len(self.train_pairs)), key=lambda i: len(self.train_pairs[i].prompt_ids)
-                       + max(len(self.train_pairs[i].chosen_ids), len(self.train_pairs[i].rejected_ids)))
+        order = sorted(range(len(self.train_pairs)), key=lambda i: self._row_length(self.train_pairs[i]))
         bar = tqdm(range(0, len(order), bs), desc="reference log-probs", disable=not self.accelerator.is_main_process)
         for start in bar:
             index = order[start:start + bs]
-            batch = collate_pairs([self.train_pairs[i] for i in index], self.pad_id)
-            logps = self._reference_logps(batch)
-            mask = batch["loss_mask"][:, 1:].bool()
-            k = len(index)
+            rows = self._rows([self.train_pairs[i] for i in index])
+            chosen, rejected = rows.split(self._reference_logps(_as_batch(rows)))
             for j, i in enumerate(index):
-                cache[i] = (logps[j][mask[j]].clone(), logps[k + j][mask[k + j]].clone())
+                cache[i] = (chosen[j][rows.chosen_mask[j].bool()].clone(),
+                            rejected[j][rows.rejected_mask[j].bool()].clone())
         return cache
 
-    def _cached_reference(self, rows: list[Optional[int]], batch: dict, like: torch.Tensor) -> torch.Tensor:
-        values = [self.ref_cache[i if i is not None else 0][0] for i in rows]
-        values += [self.ref_cache[i if i is not None else 0][1] for i in rows]
-        mask = batch["loss_mask"][:, 1:].bool()
-        return like.new_zeros(mask.shape).masked_scatter(mask, torch.cat(values).to(like.dtype))
+    def _cached_reference(self, indices: list[Optional[int]], rows: PairRows,
+                          like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached reference log-probs of the micro-batch's pairs, as [B, T] chosen and rejected tensors."""
+        out = []
+        for which, mask in ((0, rows.chosen_mask), (1, rows.rejected_mask)):
+            values = torch.cat([self.ref_cache[i if i is not None else 0][which] for i in indices])
+            out.append(like.new_zeros(mask.shape).masked_scatter(mask.bool(), values.to(like.dtype)))
+        return out[0], out[1]
 
     # ------------------------------------------------------------------ one optimiser step
     def _normaliser(self, indices: list[int]) -> Normaliser:
@@ -241,26 +265,27 @@ class Trainer:
         return Normaliser(sequences=float(len(pairs)), tokens=float(chosen + sum(len(p.rejected_ids) for p in pairs)),
                           chosen_tokens=float(chosen))
 
-    def _loss_inputs(self, rows: list[Optional[int]], batch: dict, normaliser: Normaliser) -> PairLossInputs:
-        """Policy (and, when the loss asks, reference) log-probs of one micro-batch, as typed loss inputs."""
+    def _loss_inputs(self, indices: list[Optional[int]], rows: PairRows, normaliser: Normaliser) -> PairLossInputs:
+        """Policy (and, when the loss asks, reference) log-probs of one micro-batch, as typed loss inputs:
+        [B, T] chosen and rejected tensors whatever the row layout."""
+        batch = _as_batch(rows)
         with self._autocast():
-            logps = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        ref = None
+            logps = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["position_ids"])
+        chosen, rejected = rows.split(logps)
+        ref_w = ref_l = None
         if self.loss.needs_reference:
-            ref = (self._cached_reference(rows, batch, logps) if self.ref_cache is not None
-                   else self._reference_logps(batch).to(logps.dtype))
-        mask = batch["loss_mask"][:, 1:].to(logps.dtype)
-        weights = batch["token_weights"][:, 1:].to(logps.dtype) if "token_weights" in batch else None
-        b = len(rows)
-
-        def halves(x):
-            return (None, None) if x is None else (x[:b], x[b:])
-
-        (ref_w, ref_l), (tw_w, tw_l) = halves(ref), halves(weights)
-        return PairLossInputs(chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_mask=mask[:b],
-                              rejected_mask=mask[b:], normaliser=normaliser,
-                              pair_weight=batch["pair_weight"].to(logps.dtype), ref_chosen_logps=ref_w,
-                              ref_rejected_logps=ref_l, chosen_token_weights=tw_w, rejected_token_weights=tw_l)
+            if self.ref_cache is not None:
+                ref_w, ref_l = self._cached_reference(indices, rows, logps)
+            else:
+                ref_w, ref_l = rows.split(self._reference_logps(batch).to(logps.dtype))
+        dtype = logps.dtype
+        weight = torch.tensor([0.0 if i is None else 1.0 for i in indices], dtype=dtype)
+        tw_w = rows.chosen_weights.to(dtype) if rows.chosen_weights is not None else None
+        tw_l = rows.rejected_weights.to(dtype) if rows.rejected_weights is not None else None
+        return PairLossInputs(chosen_logps=chosen, rejected_logps=rejected, chosen_mask=rows.chosen_mask.to(dtype),
+                              rejected_mask=rows.rejected_mask.to(dtype), normaliser=normaliser, pair_weight=weight,
+                              ref_chosen_logps=ref_w, ref_rejected_logps=ref_l, chosen_token_weights=tw_w,
+                              rejected_token_weights=tw_l)
 
     def train_step(self, step: int) -> dict:
         """One step: offline, forward/backward over this process's micro-batches of pairs, then one update; online,
@@ -278,7 +303,7 @@ class Trainer:
         part_sums: dict[str, float] = {}  # globally normalised loss components
         for rows in shard_for_rank(indices, self.rank, self.world, self.recipe.train.micro_batch_size, self.n_micro):
             pairs = [self.train_pairs[i if i is not None else 0] for i in rows]
-            batch = collate_pairs(pairs, self.pad_id, [0.0 if i is None else 1.0 for i in rows])
+            batch = self._rows(pairs)
             tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                           for p, i in zip(pairs, rows) if i is not None)
             with acc.accumulate(self.model), self._reporting_out_of_memory(step, rows, pairs):
@@ -507,6 +532,12 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(f"[posttrain] {text}")
+
+
+def _as_batch(rows: PairRows) -> dict:
+    input_ids, attention_mask, loss_mask, position_ids = rows.model_inputs()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+            "position_ids": position_ids}
 
 
 def _recipe_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -8,10 +8,9 @@ without gradient, and with little padding. Two row layouts:
 
 - `shared` (the default where the model allows it): one row per pair,
   `prompt + chosen + [last prompt token again] + rejected`, with a 4-D attention mask and position
-  ids that make the rejected branch see the prompt but not the chosen response. The prompt, which in
-  multi-turn data such as HH-RLHF is the longer part, is computed once per pair instead of twice; the
-  repeated last prompt token (at the prompt's last position, attending to the prompt like the
-  original) is what predicts the first rejected token, so the usual shift-by-one convention holds.
+  ids that make the rejected branch see the prompt but not the chosen response: the training
+  layout `share_prompt` of posttrain.data.layout, without gradient. The prompt, which in multi-turn
+  data such as HH-RLHF is the longer part, is computed once per pair instead of twice.
 - `separate`: one row per sequence (`prompt + response`), with the usual 2-D padding mask.
 
 Rows are sorted by length before they are cut into batches of `batch_size` rows, so a batch's rows
@@ -29,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain.data.collate import pad_sequences
+from posttrain.data.layout import build_pair_rows, shared_length
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.eval.metrics import TIE_THRESHOLD, normalised_ranking_correct, ranking_correct
 
@@ -148,58 +148,15 @@ def choose_layout(logprob_model, pairs: list[TokenizedPair], layout: str = "auto
     return "shared"
 
 
-def _attention_kind(logprob_model) -> str:
+def attention_kind(logprob_model) -> str:
     config = _hf_config(logprob_model)
     return getattr(config, "_attn_implementation", "sdpa") if config is not None else "sdpa"
 
 
-def _model_dtype(logprob_model) -> torch.dtype:
+def model_dtype(logprob_model) -> torch.dtype:
     for p in logprob_model.parameters() if hasattr(logprob_model, "parameters") else []:
         return p.dtype if p.dtype.is_floating_point else torch.float32
     return torch.float32
-
-
-def shared_rows(pairs: list[TokenizedPair], pad_id: int, attention: str = "sdpa",
-                mask_dtype: torch.dtype = torch.float32) -> dict:
-    """One row per pair: prompt + chosen + [last prompt token] + rejected, with a 4-D mask.
-
-    Branch ids: 0 = prompt without its last token (seen by both responses), 1 = last prompt token and
-    chosen, 2 = the repeated last prompt token and rejected, 3 = padding (sees only itself). A query
-    attends to earlier keys of branch 0 or of its own branch.
-    """
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + 1 + len(p.rejected_ids) for p in pairs]
-    n, width = len(pairs), max(lengths)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((n, width), dtype=torch.long)
-    branch = torch.full((n, width), 3, dtype=torch.long)
-    chosen_labels = torch.zeros((n, width), dtype=torch.bool)
-    rejected_labels = torch.zeros((n, width), dtype=torch.bool)
-    for i, p in enumerate(pairs):
-        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        seq = p.prompt_ids + p.chosen_ids + [p.prompt_ids[-1]] + p.rejected_ids
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        position_ids[i, :P + C] = torch.arange(P + C)
-        position_ids[i, P + C] = P - 1
-        position_ids[i, P + C + 1:P + C + 1 + R] = torch.arange(P, P + R)
-        branch[i, :P - 1] = 0
-        branch[i, P - 1:P + C] = 1
-        branch[i, P + C:P + C + 1 + R] = 2
-        chosen_labels[i, P:P + C] = True
-        rejected_labels[i, P + C + 1:P + C + 1 + R] = True
-    index = torch.arange(width)
-    causal = index[None, :] <= index[:, None]  # [q, k]
-    bq, bk = branch[:, :, None], branch[:, None, :]
-    allowed = causal[None] & ((bk == 0) | (bk == bq)) & (bq != 3) & (bk != 3)
-    allowed |= torch.eye(width, dtype=torch.bool)[None] & (bq == 3)  # padding sees itself: no empty softmax rows
-    allowed = allowed[:, None]  # [n, 1, q, k]
-    if attention == "sdpa":
-        mask = allowed
-    else:  # eager attention adds the mask to the scores
-        mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(~allowed, torch.finfo(mask_dtype).min)
-    loss_mask = (chosen_labels | rejected_labels).long()
-    return {"input_ids": input_ids, "attention_mask": mask, "loss_mask": loss_mask, "position_ids": position_ids,
-            "chosen_labels": chosen_labels, "rejected_labels": rejected_labels, "real_tokens": sum(lengths),
-            "total_positions": n * width}
 
 
 def separate_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
@@ -268,15 +225,19 @@ def score_pairs(logprob_model, pairs: list[TokenizedPair], pad_id: int, batch_si
     bar = tqdm(total=n, desc="scoring pairs", unit="pair", disable=not progress, leave=False)
     try:
         if layout == "shared":
-            attention, dtype = _attention_kind(logprob_model), _model_dtype(logprob_model)
-            lengths = [len(p.prompt_ids) + len(p.chosen_ids) + 1 + len(p.rejected_ids) for p in pairs]
+            attention, dtype = attention_kind(logprob_model), model_dtype(logprob_model)
+            lengths = [shared_length(p) for p in pairs]
             rows = n
             for index in batches(lengths, batch_size, max_padding):
-                batch = shared_rows([pairs[i] for i in index], pad_id, attention, dtype)
-                logps = _forward(logprob_model, batch, autocast_bf16)
-                chosen[index] = (logps * batch["chosen_labels"][:, 1:]).sum(-1)
-                rejected[index] = (logps * batch["rejected_labels"][:, 1:]).sum(-1)
-                passes, real, total = passes + 1, real + batch["real_tokens"], total + batch["total_positions"]
+                layout_rows = build_pair_rows([pairs[i] for i in index], pad_id, share_prompt=True,
+                                              attention=attention, mask_dtype=dtype)
+                input_ids, attention_mask, loss_mask, position_ids = layout_rows.model_inputs()
+                logps = _forward(logprob_model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                                 "loss_mask": loss_mask, "position_ids": position_ids}, autocast_bf16)
+                chosen_logps, rejected_logps = layout_rows.split(logps)
+                chosen[index], rejected[index] = chosen_logps.sum(-1), rejected_logps.sum(-1)
+                passes, real = passes + 1, real + layout_rows.real_tokens
+                total += layout_rows.total_positions
                 bar.update(len(index))
         else:
             sequences = [(i, 0) for i in range(n)] + [(i, 1) for i in range(n)]

@@ -1,0 +1,184 @@
+"""Row layouts (posttrain.data.layout): shared prompt and packing give the plain path's numbers.
+
+In float64 on a tiny Llama, every layout's per-token log-probs of every response, the DPO loss and
+its gradient w.r.t. every weight equal those of the plain layout (one padded row per sequence) to
+1e-9; the plain layout itself equals a forward of each sequence alone. The trainer with each switch
+takes the same steps (loss, gradient norm), with the reference live or precomputed.
+
+transformers' LlamaRMSNorm computes in float32 whatever the model's dtype, and so does its backward:
+the shared prompt adds the two responses' gradients before the norm's backward, the plain path after
+it, which differ by float32 rounding (~1e-7). The `float64_norm` fixture makes the norm compute in
+the model's dtype, so the comparison measures the layouts and not that cast. Eager attention's
+softmax is float32 too, with the same effect on gradients: its stated tolerance is rtol 1e-6, atol 1e-7.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from helpers import recipe_from, tiny_recipe
+from posttrain.config import LossTerm
+from posttrain.core import Normaliser, PolicyLogProbs
+from posttrain.data.layout import build_pair_rows, pack, shared_length
+from posttrain.data.tokenize import TokenizedPair
+from posttrain.losses import PairLossInputs, build_loss
+from posttrain.trainer import Trainer
+
+TOL = dict(rtol=1e-9, atol=1e-9)
+VOCAB = 120
+
+
+@pytest.fixture
+def float64_norm(monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
+
+
+def _pairs(n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        return torch.randint(3, VOCAB, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+
+    pairs = [TokenizedPair(ids(1, 15), ids(1, 20), ids(1, 20), "synthetic", i + 1) for i in range(n)]
+    pairs[0].prompt_ids = pairs[0].prompt_ids[:1]  # a one-token prompt: the repeated token is the whole prompt
+    return pairs
+
+
+def _dpo_step(model, pairs, **layout):
+    """Per-token log-probs, DPO loss and gradients of one batch in a layout (fixed reference values)."""
+    model.zero_grad(set_to_none=True)
+    rows = build_pair_rows(pairs, pad_id=2, attention=model.config._attn_implementation,
+                           mask_dtype=torch.float64, **layout)
+    logps = PolicyLogProbs(model)(*rows.model_inputs())
+    chosen, rejected = rows.split(logps)
+    mask_w, mask_l = rows.chosen_mask.double(), rows.rejected_mask.double()
+    b = len(pairs)
+    g = torch.Generator().manual_seed(1)
+    ref_w = -torch.rand(mask_w.shape, generator=g, dtype=torch.float64) * mask_w
+    ref_l = -torch.rand(mask_l.shape, generator=g, dtype=torch.float64) * mask_l
+    inputs = PairLossInputs(chosen, rejected, mask_w, mask_l, Normaliser(b, float(mask_w.sum() + mask_l.sum())),
+                            torch.ones(b, dtype=torch.float64), ref_w, ref_l)
+    out = build_loss([LossTerm(name="dpo", params={"beta": 0.5})])(inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return rows, chosen.detach(), rejected.detach(), out.loss.detach(), grads
+
+
+def _alone(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
+LAYOUTS = [dict(share_prompt=True), dict(pack_tokens=40), dict(pack_tokens=10_000),
+           dict(share_prompt=True, pack_tokens=60), dict(share_prompt=True, pack_tokens=10_000)]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_every_layout_gives_the_plain_log_probs_loss_and_gradients(attention, float64_norm):
+    model = make_tiny_model(VOCAB, dtype=torch.float64)
+    model.set_attn_implementation(attention)
+    pairs = _pairs()
+    plain_rows, plain_w, plain_l, plain_loss, plain_grads = _dpo_step(model, pairs)
+    assert plain_rows.position_ids is None and plain_rows.attention_mask.dim() == 2
+    tol = TOL if attention == "sdpa" else dict(rtol=1e-6, atol=1e-7)  # eager: float32 softmax (docstring)
+    for b, p in enumerate(pairs[:3]):  # the plain path is each sequence alone
+        torch.testing.assert_close(plain_w[b, :len(p.chosen_ids)], _alone(model, p.prompt_ids, p.chosen_ids), **tol)
+        torch.testing.assert_close(plain_l[b, :len(p.rejected_ids)], _alone(model, p.prompt_ids, p.rejected_ids),
+                                   **tol)
+    for layout in LAYOUTS:
+        rows, chosen, rejected, loss, grads = _dpo_step(model, pairs, **layout)
+        assert rows.attention_mask.dim() == 4, layout
+        torch.testing.assert_close(chosen, plain_w, **TOL)
+        torch.testing.assert_close(rejected, plain_l, **TOL)
+        torch.testing.assert_close(rows.chosen_mask, plain_rows.chosen_mask, rtol=0, atol=0)
+        torch.testing.assert_close(loss, plain_loss, **TOL)
+        assert plain_loss.item() > 0
+        for name, grad in plain_grads.items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(grads[name], grad, **tol, msg=lambda m, n=name, l=layout: f"{l} {n}: {m}")
+
+
+def test_rows_hold_the_tokens_each_layout_promises():
+    pairs = _pairs()
+    separate = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    plain = build_pair_rows(pairs, pad_id=2)
+    assert plain.input_ids.shape[0] == 2 * len(pairs) and plain.real_tokens == separate
+    assert plain.total_positions > separate  # padded to the longest sequence
+    one_row = build_pair_rows(pairs, pad_id=2, pack_tokens=10_000)
+    assert one_row.input_ids.shape == (1, separate) and one_row.total_positions == separate  # no padding at all
+    assert (one_row.position_ids == 0).sum() == 2 * len(pairs)  # positions restart at every sequence
+    shared = build_pair_rows(pairs, pad_id=2, share_prompt=True, pack_tokens=10_000)
+    assert shared.total_positions == shared.real_tokens == sum(shared_length(p) for p in pairs)
+    assert shared.real_tokens == separate - sum(len(p.prompt_ids) - 1 for p in pairs)
+    budget = build_pair_rows(pairs, pad_id=2, share_prompt=True, pack_tokens=60)
+    assert budget.input_ids.shape[0] == -(-shared.real_tokens // 60)
+    assert budget.input_ids.shape[1] < 60 + max(shared_length(p) for p in pairs)
+    # the mask: a rejected token sees the prompt and the rejected branch, never the chosen response
+    p = pairs[1]
+    row = build_pair_rows([p], pad_id=2, share_prompt=True)
+    P, C = len(p.prompt_ids), len(p.chosen_ids)
+    seen = row.attention_mask[0, 0, P + C + 1].nonzero()[:, 0].tolist()
+    assert seen == list(range(P - 1)) + [P + C, P + C + 1]
+    assert row.position_ids[0, P + C:P + C + 2].tolist() == [P - 1, P]
+
+
+def test_pack_balances_rows_longest_first():
+    assert pack([5, 3, 8, 2, 9], 10) == [[4], [2, 3], [0, 1]]  # 27 positions: 3 rows, 9 | 8+2 | 5+3
+    assert pack([6, 6, 5, 5], 12) == [[0, 2], [1, 3]]  # 11 + 11, where filling rows in turn gives 12 + 10
+    assert pack([12, 3], 10) == [[0], [1]]
+    assert pack([4, 4, 4], 100) == [[0, 1, 2]]
+
+
+def test_token_weights_follow_the_responses():
+    pairs = _pairs(3)
+    pairs[1].chosen_weights = [0.5 + k for k in range(len(pairs[1].chosen_ids))]
+    rows = build_pair_rows(pairs, pad_id=2, share_prompt=True, pack_tokens=10_000)
+    assert rows.chosen_weights[1, :len(pairs[1].chosen_ids)].tolist() == pairs[1].chosen_weights
+    assert (rows.chosen_weights[0] == rows.chosen_mask[0]).all() and (rows.rejected_weights == rows.rejected_mask).all()
+    pairs[2].rejected_weights = [1.0]
+    with pytest.raises(ValueError, match="token weights"):
+        build_pair_rows(pairs, pad_id=2)
+
+
+def _two_steps(tiny_model_dir, tmp_path, name, train=None, reference=None):
+    raw = tiny_recipe(tiny_model_dir, tmp_path / name, model={"dtype": "float64"},
+                      data={"train": {"builtin": "tiny", "split": "train", "num_rows": 32}, "heldout": None},
+                      train={"batch_size": 8, "micro_batch_size": 4, "lr": 5e-2, **(train or {})},
+                      reference=reference or {}, logging={"progress_bar": False, "tensorboard": False})
+    trainer = Trainer(recipe_from(raw))
+    trainer.setup()
+    return [trainer.train_step(s) for s in range(3)]
+
+
+def test_trainer_switches_take_the_same_steps(tiny_model_dir, tmp_path, float64_norm):
+    plain = _two_steps(tiny_model_dir, tmp_path, "plain")
+    assert plain[2]["rewards/margins"] != 0  # LoRA has moved: step 0 alone would be trivially equal
+    for k, (train, reference) in enumerate([({"share_prompt": True}, None), ({"packing": True}, None),
+                                            ({"share_prompt": True, "packing": True, "pack_tokens": 48},
+                                             {"precompute": True})]):
+        other = _two_steps(tiny_model_dir, tmp_path, f"r{k}", train, reference)
+        for a, b in zip(plain, other):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-9)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-9)
+            assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-7, abs=1e-12)
+            assert b["num_tokens"] == a["num_tokens"]
+
+
+def test_trainer_refuses_the_layouts_where_the_mask_would_not_be_honoured(tiny_model_dir, tmp_path):
+    from posttrain.errors import RecipeError
+
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", model={"attn_implementation": "flex_attention"},
+                      data={"train": {"builtin": "tiny", "split": "train", "num_rows": 8}, "heldout": None},
+                      train={"share_prompt": True}, logging={"progress_bar": False, "tensorboard": False})
+    with pytest.raises(RecipeError, match="train.share_prompt and train.packing need sdpa or eager"):
+        Trainer(recipe_from(raw)).setup()
