@@ -95,7 +95,7 @@ def setup_online(trainer) -> None:
     from posttrain.rewards import build_reward_set
     from posttrain.samplers import build_sampler
 
-    r, acc = trainer.recipe, trainer.accelerator
+    r = trainer.recipe
     if not r.rewards:
         raise RecipeError(f"loss {r.loss[0].name!r} trains on sampled groups and needs at least one reward: add a "
                           f"`rewards:` section (for example `rewards: [{{name: math}}]`; see docs/rewards.md).")
@@ -267,7 +267,7 @@ def split_groups(groups: list[int], world: int, rank: int, per_micro: int, n_mic
 # ---------------------------------------------------------------------------------------------------- one step
 def online_step(trainer, step: int) -> dict:
     """One rollout batch and its `rollout.updates_per_batch` optimiser updates; returns the step's metrics."""
-    r, acc = trainer.recipe, trainer.accelerator
+    r = trainer.recipe
     ro = r.rollout
     record: dict = {}
     t0 = time.time()
