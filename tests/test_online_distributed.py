@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import tiny_recipe
+from helpers import recipe_from, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -98,3 +98,70 @@ def test_zero3_online_run_with_unequal_generation_lengths_checkpoints_and_resume
     assert [m["step"] for m in again] == [1, 2, 3, 4]
     for a, b in zip(train, again):
         assert a["reward/mean"] == pytest.approx(b["reward/mean"], rel=1e-6)
+
+
+DETERMINISTIC_ENGINE = '''
+import torch
+
+from posttrain.rollout import GenerationEngine, cut_at_stop
+
+
+class SeededCompletions(GenerationEngine):
+    """Completions that depend only on the prompt, its place in the group and the step, never on which
+    process generates them or on the weights: 1-process and 2-process runs train on the same rollouts."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.eos = trainer.tokenizer.eos_token_id
+
+    def generate(self, prompts, params):
+        out, seen = [], {}
+        for ids in prompts:
+            k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            g = torch.Generator().manual_seed(hash((tuple(ids), k, self.trainer.current_step)) % 2**31)
+            length = int(torch.randint(2, params.max_new_tokens + 2, (1,), generator=g))
+            tokens = torch.randint(200, 3000, (length,), generator=g).tolist()
+            out.append(cut_at_stop(tokens[:length - 1] + [self.eos], {self.eos}, params.max_new_tokens))
+        return out
+'''
+
+
+def _grpo_raw(model_dir, output_dir, optimizer="sgd"):
+    return tiny_recipe(model_dir, output_dir, model={"dtype": "float64"},
+                       loss={"name": "grpo", "params": {"beta": 0.1, "loss_type": "dapo", "scale_rewards": "batch"}},
+                       data={"train": {"builtin": "tiny", "split": "train", "num_rows": 64}, "heldout": None,
+                             "template": "plain", "max_length": 64},
+                       rewards=[{"name": "online_rewards:letter_share"}],
+                       rollout={"group_size": 3, "max_new_tokens": 6, "reward_workers": 0,
+                                "engine": "seeded_engine:SeededCompletions"},
+                       train={"optimizer": optimizer, "lr": 0.5, "batch_size": 4, "micro_batch_size": 1,
+                              "max_steps": 5, "max_grad_norm": None, "lr_scheduler": "constant"},
+                       logging={"progress_bar": False, "tensorboard": False})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
+def test_grpo_on_two_processes_follows_the_one_process_trajectory(backend, tiny_model_dir, tmp_path_factory,
+                                                                  monkeypatch):
+    """Advantages on the gathered batch (the batch std of `scale_rewards: batch`), whole groups per process and
+    micro-batch, global normalisers: with the same rollouts, 2 processes take the same SGD steps as 1 (KL to
+    the reference on, so the loss depends on the weights)."""
+    from test_distributed import SGD_RTOL, _launch, _steps, _write_recipe
+
+    from posttrain.trainer import Trainer
+
+    work = tmp_path_factory.mktemp(f"grpo-{backend}")
+    (work / "seeded_engine.py").write_text(DETERMINISTIC_ENGINE)
+    shutil.copy(TESTS / "online_rewards.py", work / "online_rewards.py")
+    monkeypatch.syspath_prepend(str(work))
+    one = work / "one"
+    Trainer(recipe_from(_grpo_raw(tiny_model_dir, one))).train()
+    two = work / "two"
+    _launch(backend, _write_recipe(_grpo_raw(tiny_model_dir, two), work / "two.yaml"), PYTHONPATH=f"{ROOT}{os.pathsep}{work}")
+    a, b = _steps(two), _steps(one)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert a[step]["reward/mean"] == b[step]["reward/mean"]  # the same rollouts
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=SGD_RTOL[backend]), step
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=SGD_RTOL[backend]), step
+    assert a[5]["kl"] > 0  # the policy moved away from its reference
