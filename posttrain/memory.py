@@ -2,7 +2,9 @@
 `train.max_tokens_per_micro_batch`, and what an out-of-memory error in a step reports.
 
 A micro-batch costs memory by its padded size: 2 x pairs sequences (chosen and rejected), each
-padded to the longest prompt + response among them (posttrain.data.collate)."""
+padded to the longest prompt + response among them (the plain row layout of posttrain.data.layout).
+`train.share_prompt` and `train.packing` never build more positions than that, so for them the check
+is an upper bound."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Optional
 
 
 def micro_batch_tokens(pairs) -> tuple[int, int]:
-    """(sequences, padded length) of the micro-batch `collate_pairs` builds from these pairs."""
+    """(sequences, padded length) of the plain-layout micro-batch of these pairs."""
     length = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
     return 2 * len(pairs), length
 

@@ -26,14 +26,14 @@ def _raw(tiny_model_dir, tmp_path, **train):
 def _largest_collated_batch(raw, monkeypatch) -> int:
     """The largest input_ids tensor the trainer really builds over the run."""
     sizes = []
-    real = trainer_module.collate_pairs
+    real = trainer_module.build_pair_rows
 
     def recording(*args, **kwargs):
-        batch = real(*args, **kwargs)
-        sizes.append(batch["input_ids"].numel())
-        return batch
+        rows = real(*args, **kwargs)
+        sizes.append(rows.input_ids.numel())
+        return rows
 
-    monkeypatch.setattr(trainer_module, "collate_pairs", recording)
+    monkeypatch.setattr(trainer_module, "build_pair_rows", recording)
     Trainer(recipe_from(raw)).train()
     return max(sizes)
 
