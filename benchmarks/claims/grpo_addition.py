@@ -5,7 +5,7 @@ after training with recipes/grpo_smollm2_addition.yaml on this CPU within 20 min
 rises by at least 5 points and by more than 2 standard errors of the paired difference (the same prompts
 are scored before and after, so the standard error is that of the per-prompt differences).
 
-    python benchmarks/claims/grpo_addition.py            # full run on SmolLM2 (about 15 minutes)
+    python benchmarks/claims/grpo_addition.py            # full run on SmolLM2 (12 minutes measured, one thread)
     python benchmarks/claims/grpo_addition.py --smoke    # tiny model, a few steps (CI)
 """
 

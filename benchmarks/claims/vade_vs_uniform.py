@@ -5,7 +5,7 @@ completions each, 60 steps, 3 seeds, with the VADE sampler (spec section 9) and 
 reports the share of groups with zero reward variance (those give GRPO no gradient) over training and
 held-out greedy pass@1 on the 300 held-out prompts after training.
 
-    python benchmarks/claims/vade_vs_uniform.py            # full run on SmolLM2 (about 35 minutes)
+    python benchmarks/claims/vade_vs_uniform.py            # full run on SmolLM2 (about 55 minutes, one thread)
     python benchmarks/claims/vade_vs_uniform.py --smoke    # tiny model, a few steps (CI)
 """
 
