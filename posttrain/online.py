@@ -119,15 +119,16 @@ def setup_online(trainer) -> None:
     trainer.success_component = component
     trainer.sampler = build_sampler(r.sampler.name, len(trainer.train_examples), seed=r.run.seed, **r.sampler.params)
     trainer.engine = build_engine(trainer)
-    decode = lambda ids: trainer.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    trainer.collector = RolloutCollector(trainer.engine, trainer.rewards, trainer.train_examples,
-                                         trainer.train_prompt_ids, decode, component, r.sampler.success_threshold,
-                                         r.rollout.truncated, r.rollout.truncated_reward, trainer.world, trainer.rank,
-                                         _gather_object)
-    trainer.heldout_collector = RolloutCollector(trainer.engine, trainer.rewards, trainer.heldout_examples,
-                                                 trainer.heldout_prompt_ids, decode, component,
-                                                 r.sampler.success_threshold, "keep", 0.0, trainer.world, trainer.rank,
-                                                 _gather_object)
+
+    def collector(examples, prompt_ids, truncated, truncated_reward):
+        return RolloutCollector(trainer.engine, trainer.rewards, examples, prompt_ids,
+                                lambda ids: trainer.tokenizer.decode(ids, skip_special_tokens=True), component,
+                                r.sampler.success_threshold, truncated, truncated_reward, trainer.world, trainer.rank,
+                                _gather_object)
+
+    trainer.collector = collector(trainer.train_examples, trainer.train_prompt_ids, r.rollout.truncated,
+                                  r.rollout.truncated_reward)
+    trainer.heldout_collector = collector(trainer.heldout_examples, trainer.heldout_prompt_ids, "keep", 0.0)
 
 
 def _gather_object(records: list) -> list:
@@ -190,7 +191,6 @@ def collect_step(trainer, step_metrics: dict) -> list[RolloutRecord]:
             break
         rounds += 1
     if ro.filter_zero_variance:
-        groups_kept = len({rec.group for rec in kept})
         step_metrics.update({"filter/resample_rounds": float(rounds), "filter/groups": float(groups_kept),
                              "filter/dropped_groups": float(zero_var_groups),
                              "filter/rolled_out_groups": float(rolled_groups)})
