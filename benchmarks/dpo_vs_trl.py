@@ -8,14 +8,16 @@ its step times, losses, reference precomputation time and peak RSS (getrusage of
 
 Protocol: `--steps` steps (>= 16) per run, the first `--drop` (2) dropped from the s/step, median over
 `--repeats` (2) repeats, torch.set_num_threads(--threads) in every child, the 1-minute load average
-recorded before every run and flagged above 0.3 (the machine was shared: the numbers are then doubtful).
+recorded before every run, and a run flagged `loaded` when other processes used more than 0.3 of a core
+during it (benchmarks/common.py says why that, not the load average, is the test).
 
 Rates are over one epoch of the run's pairs, reference precomputation included (each pair is
 precomputed once and trained once):  time = precompute + steps x s/step,  pairs/s = pairs / time,
 tokens/s = non-padding tokens / time, where the non-padding tokens of a pair are those of its two
 sequences, prompt + chosen and prompt + rejected (the same count for every layout and for TRL).
 
-Model FLOP/s (achieved, as a share of the fp32 matmul peak measured by a probe in the same run):
+Model FLOP/s (achieved, as a share of the matmul peak measured by a probe in the same run, fp32 for fp32
+rows and bf16 for bf16 rows):
 per non-padding token, 2N for the policy forward, 2N for the input-gradient backward (LoRA freezes the
 base weights, whose weight gradients are not computed) and 2N for a reference pass when one runs (live
 or precomputed); N counts the weights used in matmuls (every layer and the output layer, not the input
@@ -35,13 +37,9 @@ of TRL's precomputation, and TRL's DPO loss, to rtol 1e-5 (fp32).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,9 +48,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (LOAD_LIMIT, matmul_peak, peak_rss_mb, protocol, protocol_parser,  # noqa: E402
+                               run_as_child, run_child, run_rows, save_record, tiny_model_dir)
+
+SCRIPT = Path(__file__).resolve()
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl"
 HH_SPLIT = "\n\nAssistant:"
-LOAD_LIMIT = 0.3
 RTOL = 1e-5
 
 BEST = {"share_prompt": True, "packing": True, "precompute": True, "gradient_checkpointing": False, "bf16": False}
@@ -60,6 +61,7 @@ BEST = {"share_prompt": True, "packing": True, "precompute": True, "gradient_che
 ROWS = {
     "trl_default": {"side": "trl", "gradient_checkpointing": True, "precompute": False},
     "trl_best": {"side": "trl", "gradient_checkpointing": False, "precompute": True},
+    "trl_best_bf16": {"side": "trl", "gradient_checkpointing": False, "precompute": True, "bf16": True},
     "posttrain_plain": {"side": "posttrain", "share_prompt": False, "packing": False, "precompute": False,
                         "gradient_checkpointing": False, "bf16": False},
     "posttrain_best": {"side": "posttrain", **BEST},
@@ -98,30 +100,7 @@ def hh_pairs(tokenizer, count: int, max_length: int) -> list[dict]:
     raise SystemExit(f"only {len(pairs)} usable pairs in {HH}")
 
 
-def tiny_model_dir(workdir: Path) -> Path:
-    """A small random Llama with the real SmolLM2 tokenizer (the smoke mode's model)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from posttrain.models import ensure_smollm2_cached
-
-    directory = workdir / "tiny-model"
-    tokenizer = AutoTokenizer.from_pretrained(str(ensure_smollm2_cached()))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 # ---------------------------------------------------------------------------------------------- children
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _lora_kwargs(spec: dict) -> dict:
@@ -144,7 +123,7 @@ def _trl_trainer(spec: dict, output_dir: str, max_steps: int):
                      max_length=spec["max_length"], max_steps=max_steps, num_train_epochs=1,
                      gradient_checkpointing=spec["gradient_checkpointing"],
                      precompute_ref_log_probs=spec["precompute"], precompute_ref_batch_size=spec["pairs_per_step"],
-                     train_sampling_strategy="sequential", use_cpu=True, bf16=False, fp16=False, seed=0,
+                     train_sampling_strategy="sequential", use_cpu=True, bf16=spec.get("bf16", False), fp16=False, seed=0,
                      report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
                      dataloader_num_workers=0)
     dataset = Dataset.from_list(pairs)
@@ -197,7 +176,7 @@ def run_trl(spec: dict) -> dict:
         setup_s = time.perf_counter() - t0
         trainer.train()
     return {"step_times": step_times, "losses": losses, "sequences": sequences, "precompute_s": precompute["s"],
-            "setup_s": setup_s, "peak_rss_mb": _peak_rss_mb()}
+            "setup_s": setup_s, "peak_rss_mb": peak_rss_mb()}
 
 
 def posttrain_recipe(spec: dict, output_dir: str) -> dict:
@@ -253,7 +232,7 @@ def run_posttrain(spec: dict) -> dict:
             step_times.append(time.perf_counter() - started)
             losses.append(record["loss"])
     return {"step_times": step_times, "losses": losses, "sequences": sequences, "precompute_s": precompute["s"],
-            "setup_s": setup_s, "peak_rss_mb": _peak_rss_mb()}
+            "setup_s": setup_s, "peak_rss_mb": peak_rss_mb()}
 
 
 def run_numerics(spec: dict) -> dict:
@@ -327,21 +306,6 @@ CHILDREN = {"trl": run_trl, "posttrain": run_posttrain, "numerics": run_numerics
 # ---------------------------------------------------------------------------------------------- parent
 
 
-def matmul_peak(threads: int, size: int = 1024, seconds: float = 2.0) -> float:
-    """fp32 matmul GFLOP/s of this machine now: the best of repeated size x size products."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size ** 3 / (time.perf_counter() - started))
-    return best / 1e9
-
-
 def model_shape(model_dir: str) -> dict:
     """N (weights used in matmuls, LoRA r=16 on every linear layer included), layers and attention width."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -366,17 +330,6 @@ def model_flops(sequence_lengths: list[int], shape: dict, reference: bool = True
     return sum(sequence_lengths) * per_token + attention_forward * (3 + (1 if reference else 0))
 
 
-def run_child(kind: str, spec: dict) -> tuple[dict, float]:
-    load = os.getloadavg()[0]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(spec["threads"]),
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {kind} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), load
-
-
 def summarise(name: str, settings: dict, repeats: list[dict], drop: int, pairs_per_step: int, shape: dict,
               peak_gflops: float) -> dict:
     per_repeat = []
@@ -393,19 +346,22 @@ def summarise(name: str, settings: dict, repeats: list[dict], drop: int, pairs_p
         per_repeat.append({"s_per_step": s_per_step, "precompute_s": precompute, "run_s": total,
                            "pairs_per_s": pairs / total, "tokens_per_s": tokens / total,
                            "model_gflops_per_s": flops / total / 1e9, "peak_rss_mb": run["peak_rss_mb"],
-                           "load_average": run["load_average"], "losses": run["losses"]})
+                           "load_average": run["load"]["load_average"], "other_cpu": run["load"]["other_cpu"],
+                           "losses": run["losses"]})
     median = {key: statistics.median(r[key] for r in per_repeat)
               for key in ("s_per_step", "precompute_s", "run_s", "pairs_per_s", "tokens_per_s", "model_gflops_per_s",
                           "peak_rss_mb")}
     median["mfu"] = median["model_gflops_per_s"] / peak_gflops
     loads = [r["load_average"] for r in per_repeat]
+    others = [r["other_cpu"] for r in per_repeat]
     return {"name": name, "settings": settings, **median, "losses": per_repeat[0]["losses"],
-            "load_averages": loads, "loaded": any(x > LOAD_LIMIT for x in loads), "repeats": per_repeat}
+            "load_averages": loads, "other_cpu": others, "loaded": any(x > LOAD_LIMIT for x in others),
+            "repeats": per_repeat}
 
 
 def print_table(rows: list[dict], numerics: dict | None) -> None:
     head = ("| row | s/step | precompute s | pairs/s | tokens/s | peak RSS MB | model GFLOP/s | share of peak "
-            "| pairs/s vs TRL best | RSS vs TRL best | load |")
+            "| pairs/s vs TRL best (same precision) | RSS vs TRL best | other load |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -414,7 +370,7 @@ def print_table(rows: list[dict], numerics: dict | None) -> None:
               f"| {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['model_gflops_per_s']:.2f} "
               f"| {100 * r['mfu']:.1f}% | {ratio.get('pairs_per_s', float('nan')):.2f}x "
               f"| {ratio.get('peak_rss_mb', float('nan')):.2f}x "
-              f"| {max(r['load_averages']):.2f}{' (loaded)' if r['loaded'] else ''} |")
+              f"| {max(r['other_cpu']):.2f}{' (loaded)' if r['loaded'] else ''} |")
     if numerics is not None:
         d = numerics["relative_differences"]
         print(f"\nnumerics after {numerics['trl_steps_before']} TRL steps, on TRL's next batch: relative differences "
@@ -423,39 +379,19 @@ def print_table(rows: list[dict], numerics: dict | None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps, one repeat (< 1 minute)")
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 16; smoke 3)")
-    parser.add_argument("--drop", type=int, default=None, help="first steps left out of s/step (default 2; smoke 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per row (default 2; smoke 1)")
-    parser.add_argument("--rows", default=None, help=f"comma-separated subset of: {', '.join(ROWS)}")
+    parser = protocol_parser(__doc__.split("\n\n")[0], ROWS, full_steps=16, smoke_steps=3, out_name="dpo_vs_trl")
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=None, help="default 512; smoke 128")
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--numerics-steps", type=int, default=None, help="TRL steps before the numerics check "
                                                                            "(default 3; smoke 2)")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model directory or posttrain alias")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/dpo_vs_trl[_smoke].json)")
-    parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        kind, spec = args.child
-        print(json.dumps(CHILDREN[kind](json.loads(spec))))
+    if run_as_child(args, CHILDREN):
         return
-
-    steps = args.steps or (3 if args.smoke else 16)
+    steps, drop, repeats, names = protocol(args, ROWS, SMOKE_ROWS)
     args.max_length = args.max_length or (128 if args.smoke else 512)
     if args.numerics_steps is None:
         args.numerics_steps = 2 if args.smoke else 3
-    drop = args.drop if args.drop is not None else (1 if args.smoke else 2)
-    repeats = args.repeats or (1 if args.smoke else 2)
-    names = args.rows.split(",") if args.rows else (SMOKE_ROWS if args.smoke else list(ROWS))
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
-    if not args.smoke and steps < 16:
-        print(f"note: {steps} steps is below the protocol's 16")
     from transformers import AutoTokenizer
 
     from posttrain.models import resolve_model_path
@@ -473,62 +409,45 @@ def main() -> None:
         base = {"model": model_dir, "data": str(data), "steps": steps, "pairs_per_step": args.pairs_per_step,
                 "max_length": args.max_length, "lr": args.lr, "threads": args.threads,
                 "numerics_steps": args.numerics_steps}
-        peak = matmul_peak(args.threads)
-        print(f"fp32 matmul probe: {peak:.1f} GFLOP/s on {args.threads} threads; load average "
+        peak, peak_bf16 = matmul_peak(args.threads), matmul_peak(args.threads, "bfloat16")
+        print(f"matmul probe: fp32 {peak:.1f}, bf16 {peak_bf16:.1f} GFLOP/s on {args.threads} threads; load average "
               f"{os.getloadavg()[0]:.2f}", flush=True)
         shape = model_shape(model_dir)
-        results, tokens_seen = {}, {}
-        for name in names:
-            settings = ROWS[name]
-            spec = {**base, **{k: v for k, v in settings.items() if k != "side"}}
-            runs = []
-            for _ in range(repeats):
-                run, load = run_child(settings["side"], spec)
-                run["load_average"] = load
-                runs.append(run)
-                print(f"{name}: {statistics.mean(run['step_times'][drop:]):.3f} s/step, peak RSS "
-                      f"{run['peak_rss_mb']:.0f} MB, load {load:.2f}", flush=True)
-            tokens_seen[name] = runs[0]["sequences"]
-            results[name] = (settings, runs)
+        results = run_rows(SCRIPT, names, ROWS, repeats,
+                           lambda name, settings, k: {**base, **{key: v for key, v in settings.items() if key != "side"}},
+                           lambda run: f"{statistics.mean(run['step_times'][drop:]):.3f} s/step")
         # Both sides must have trained on the same tokens: equal non-padding counts per sequence of every pair.
-        reference_tokens = next(iter(tokens_seen.values()))
-        for name, tokens in tokens_seen.items():
-            if tokens != reference_tokens:
+        reference_tokens = results[names[0]][1][0]["sequences"]
+        for name, (_, runs) in results.items():
+            if any(run["sequences"] != reference_tokens for run in runs):
                 raise SystemExit(f"{name} saw other tokens than {names[0]}: the comparison is void")
-        numerics, _ = run_child("numerics", {**base, "data": str(numerics_data)})
+        numerics, _ = run_child(SCRIPT, "numerics", {**base, "data": str(numerics_data)})
 
-    rows = [summarise(n, s, r, drop, args.pairs_per_step, shape, peak) for n, (s, r) in results.items()]
-    if "trl_best" in results:
-        trl_best = next(r for r in rows if r["name"] == "trl_best")
-        for r in rows:
-            r["vs_trl_best"] = {"pairs_per_s": r["pairs_per_s"] / trl_best["pairs_per_s"],
+    rows = [summarise(n, s, r, drop, args.pairs_per_step, shape, peak_bf16 if s.get("bf16") else peak)
+            for n, (s, r) in results.items()]
+    by_name = {r["name"]: r for r in rows}
+    if "trl_best" in by_name:
+        for r in rows:  # bf16 rows against TRL's best in bf16 when it ran, fp32 rows against TRL's best in fp32
+            bf16 = r["settings"].get("bf16", False) and "trl_best_bf16" in by_name
+            trl_best = by_name["trl_best_bf16" if bf16 else "trl_best"]
+            r["vs_trl_best"] = {"row": trl_best["name"], "pairs_per_s": r["pairs_per_s"] / trl_best["pairs_per_s"],
                                 "tokens_per_s": r["tokens_per_s"] / trl_best["tokens_per_s"],
                                 "s_per_step": r["s_per_step"] / trl_best["s_per_step"],
                                 "peak_rss_mb": r["peak_rss_mb"] / trl_best["peak_rss_mb"]}
-    if "trl_default" in results:
-        trl_default = next(r for r in rows if r["name"] == "trl_default")
+    if "trl_default" in by_name:
+        trl_default = by_name["trl_default"]
         for r in rows:
             r["vs_trl_default"] = {"pairs_per_s": r["pairs_per_s"] / trl_default["pairs_per_s"],
                                    "peak_rss_mb": r["peak_rss_mb"] / trl_default["peak_rss_mb"]}
     print()
     print_table(rows, numerics)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        "dpo_vs_trl_smoke.json" if args.smoke else "dpo_vs_trl.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from posttrain.runtime import package_versions
-
-    record = {"machine": {"smoke": args.smoke, "platform": platform.platform(), "cpus": os.cpu_count(),
-                          "threads": args.threads, "matmul_fp32_gflops": peak, "load_limit": LOAD_LIMIT,
-                          "packages": package_versions()},
-              "protocol": {"steps": steps, "dropped_steps": drop, "repeats": repeats,
-                           "pairs_per_step": args.pairs_per_step, "max_length": args.max_length, "lr": args.lr,
-                           "model": args.model if not args.smoke else "tiny random Llama (SmolLM2 tokenizer)",
-                           "data": str(HH.relative_to(ROOT.parent)), "pairs": steps * args.pairs_per_step,
-                           "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
-                           "model_N": shape["N"]},
-              "rows": rows, "numerics": numerics}
-    out.write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {out}")
+    save_record(args, {"matmul_fp32_gflops": peak, "matmul_bf16_gflops": peak_bf16},
+                {"steps": steps, "dropped_steps": drop, "repeats": repeats, "pairs_per_step": args.pairs_per_step,
+                 "max_length": args.max_length, "lr": args.lr,
+                 "model": args.model if not args.smoke else "tiny random Llama (SmolLM2 tokenizer)",
+                 "data": str(HH.relative_to(ROOT.parent)), "pairs": steps * args.pairs_per_step,
+                 "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+                 "model_N": shape["N"]}, rows, numerics=numerics)
     if not numerics["passed"]:
         raise SystemExit("numerics check failed")
 

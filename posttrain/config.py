@@ -102,6 +102,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     engine: str = "hf"  # "hf" (transformers generate) or `module.path:Class` (a GenerationEngine)
     generation_batch_size: int = 64  # sequences per generate call
+    prefill_once: bool = True  # hf engine: a group's prompt prefilled once, its KV cache copied to the G completions
     truncated: Literal["keep", "mask", "penalize"] = "keep"  # completions without EOS within max_new_tokens
     truncated_reward: float = 0.0  # their reward under `penalize`
     updates_per_batch: int = 1  # optimiser updates per rollout batch (TRL's num_iterations)

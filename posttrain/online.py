@@ -45,7 +45,7 @@ def build_engine(trainer):
     if ro.engine == "hf":
         return HFGenerateEngine(lambda: trainer.peft_model, trainer.pad_id, stop_token_ids(trainer.tokenizer),
                                 ro.generation_batch_size, gather=trainer.gathered_for_generation,
-                                autocast=trainer._autocast)
+                                autocast=trainer._autocast, prefill_once=ro.prefill_once)
     from posttrain.imports import import_object
     from posttrain.rollout import GenerationEngine
 
@@ -238,24 +238,6 @@ def completion_tensors(records: list[RolloutRecord], masked_truncated: bool) -> 
     return ids, mask
 
 
-def sequence_batch(records: list[RolloutRecord], pad_id: int) -> dict:
-    """Right-padded prompt+completion rows for the log-prob forward, and where each completion starts."""
-    from posttrain.data.collate import pad_sequences
-
-    input_ids, attention_mask, loss_mask = pad_sequences([(rec.prompt_ids, rec.completion_ids) for rec in records],
-                                                         pad_id)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "prompt_lengths": torch.tensor([len(rec.prompt_ids) for rec in records])}
-
-
-def to_completion_layout(dense: torch.Tensor, prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """[N, L-1] per-position values (entry t-1 belongs to token t) -> [N, width] with completion token j of row i
-    at column j (differentiable; columns past a completion's end are whatever the dense row holds, masked later)."""
-    start = (prompt_lengths - 1).clamp(min=0)[:, None]
-    index = (start + torch.arange(width)[None, :]).clamp(max=dense.shape[1] - 1)
-    return dense.gather(1, index.to(dense.device))
-
-
 def split_groups(groups: list[int], world: int, rank: int, per_micro: int, n_micro: int) -> list[list[Optional[int]]]:
     """This process's micro-batches of groups: groups k, k+world, ... for rank k, then `None` fillers so every
     process runs exactly `n_micro` micro-batches of `per_micro` groups (collectives stay in step)."""
@@ -319,30 +301,48 @@ def online_step(trainer, step: int) -> dict:
     return record
 
 
-def _rows(rows_of: dict, groups: list[Optional[int]]) -> tuple[list[int], list[float]]:
-    """Record rows of a micro-batch's groups; a filler group repeats group 0's rows with weight 0."""
+def _rows(rows_of: dict, groups: list[Optional[int]]) -> tuple[list[int], list[float], list[int]]:
+    """Record rows of a micro-batch's groups, their weights, and each row's slot in the micro-batch (its
+    shared-prompt segment); a filler group repeats group 0's rows with weight 0."""
     first = next(iter(rows_of))
-    rows, weights = [], []
-    for g in groups:
+    rows, weights, slots = [], [], []
+    for slot, g in enumerate(groups):
         members = rows_of[g if g is not None else first]
         rows += members
         weights += [0.0 if g is None else 1.0] * len(members)
-    return rows, weights
+        slots += [slot] * len(members)
+    return rows, weights, slots
 
 
-def _forward(trainer, records, rows, width, temperature, need_entropy=False, reference=False):
-    batch = sequence_batch([records[i] for i in rows], trainer.pad_id)
+def group_rows(trainer, records: list[RolloutRecord], rows: list[int], slots: list[int]):
+    """The micro-batch's prompt + completion sequences in the recipe's row layout (posttrain.data.layout): with
+    `train.share_prompt` a group's prompt is computed once for its G completions."""
+    from posttrain.data.layout import build_sequence_rows
+    from posttrain.eval.ranking import attention_kind, model_dtype
+
+    t = trainer.recipe.train
+    return build_sequence_rows([(records[i].prompt_ids, records[i].completion_ids) for i in rows], trainer.pad_id,
+                               shared_by=slots if t.share_prompt else None,
+                               pack_tokens=t.pack_tokens if t.packing else None,
+                               attention=attention_kind(trainer.model), mask_dtype=model_dtype(trainer.model))
+
+
+def _forward(trainer, records, rows, slots, width, temperature, reference=False):
+    """Completion log-probs [len(rows), width] (and per-token entropy, None for the reference)."""
+    layout = group_rows(trainer, records, rows, slots)
+    inputs = layout.model_inputs()
     with trainer._autocast():
         if reference:
-            dense = trainer._reference_logps(batch, temperature)
-            ent = None
+            dense, ent = trainer._reference_logps(dict(zip(("input_ids", "attention_mask", "loss_mask",
+                                                            "position_ids"), inputs)), temperature), None
         else:
-            out = trainer.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                temperature=temperature, return_entropy=True)
-            dense, ent = out
-    logps = to_completion_layout(dense, batch["prompt_lengths"], width)
-    entropy = to_completion_layout(ent, batch["prompt_lengths"], width) if ent is not None else None
-    return logps, entropy
+            dense, ent = trainer.model(*inputs, temperature=temperature, return_entropy=True)
+
+    def completion(values):
+        out = layout.gather(values)
+        return torch.nn.functional.pad(out, (0, width - out.shape[1]))
+
+    return completion(dense), completion(ent) if ent is not None else None
 
 
 @torch.no_grad()
@@ -355,8 +355,8 @@ def sampling_pass(trainer, records, rows_of, micro, width) -> tuple[dict[int, to
     mine_entropy: dict[int, list[float]] = {}
     try:
         for groups in micro:
-            rows, weights = _rows(rows_of, groups)
-            logps, entropy = _forward(trainer, records, rows, width, trainer.recipe.rollout.temperature)
+            rows, weights, slots = _rows(rows_of, groups)
+            logps, entropy = _forward(trainer, records, rows, slots, width, trainer.recipe.rollout.temperature)
             for k, (i, w) in enumerate(zip(rows, weights)):
                 if w > 0:
                     old[i] = logps[k].detach().clone()
@@ -383,16 +383,16 @@ def update_on_groups(trainer, records, rows_of, micro, batch: RolloutBatch, adva
     part_sums: dict[str, float] = {}
     entropy_sum, entropy_tokens = 0.0, 0.0
     for groups in micro:
-        rows, weights = _rows(rows_of, groups)
+        rows, weights, slots = _rows(rows_of, groups)
         index = torch.tensor(rows)
         weight = torch.tensor(weights, dtype=torch.float64)
         with acc.accumulate(trainer.model):
-            logps, entropy = _forward(trainer, records, rows, width, temperature)
+            logps, entropy = _forward(trainer, records, rows, slots, width, temperature)
             dtype = logps.dtype
             mask = batch.mask[index].to(dtype)
             ref = None
             if trainer.loss.needs_reference:
-                ref, _ = _forward(trainer, records, rows, width, temperature, reference=True)
+                ref, _ = _forward(trainer, records, rows, slots, width, temperature, reference=True)
                 ref = ref.to(dtype)
             old = None
             if old_logps:

@@ -28,7 +28,7 @@ from posttrain.data.layout import PairRows, build_pair_rows, shared_length
 from posttrain.data.sources import load_pairs
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.errors import PosttrainError, RecipeError
-from posttrain.eval.ranking import PairScores, attention_kind, choose_layout, model_dtype
+from posttrain.eval.ranking import PairScores, attention_kind, choose_layout, custom_mask_supported, model_dtype
 from posttrain.eval.training import heldout_evaluation, sharded_scores
 from posttrain.logs import MetricsWriter, get_logger
 from posttrain.losses import PairLossInputs, build_loss
@@ -145,8 +145,7 @@ class Trainer:
         if self.reference.kind == "separate":
             self.ref_model = PolicyLogProbs(self.reference.model).to(acc.device)
         self.ref_cache: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
-        if not self.online:
-            self._check_layout()
+        self._check_layout()
         if self.loss.needs_reference and r.reference.precompute:
             if self.online:
                 raise RecipeError("reference.precompute works on a fixed set of pairs; an online run samples new "
@@ -216,10 +215,17 @@ class Trainer:
     def _check_layout(self) -> None:
         """train.share_prompt and train.packing need a custom 4-D mask honoured exactly (choose_layout's test)."""
         t = self.recipe.train
-        if (t.share_prompt or t.packing) and choose_layout(self.model, self.train_pairs, "auto") != "shared":
+        if not (t.share_prompt or t.packing):
+            return
+        if self.online:
+            longest = max(len(p) for p in self.train_prompt_ids) + self.recipe.rollout.max_new_tokens
+            supported = all(self.train_prompt_ids) and custom_mask_supported(self.model, longest)
+        else:
+            supported = choose_layout(self.model, self.train_pairs, "auto") == "shared"
+        if not supported:
             raise RecipeError("train.share_prompt and train.packing need sdpa or eager attention "
-                              "(model.attn_implementation), a non-empty prompt in every pair and no sliding window "
-                              "shorter than a sequence. Switch them off for this model or data.")
+                              "(model.attn_implementation), a non-empty prompt in every sequence and no sliding "
+                              "window shorter than a sequence. Switch them off for this model or data.")
 
     def _rows(self, pairs: list[TokenizedPair]) -> PairRows:
         """The micro-batch's pairs in the recipe's row layout (posttrain.data.layout)."""

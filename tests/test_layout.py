@@ -182,3 +182,87 @@ def test_trainer_refuses_the_layouts_where_the_mask_would_not_be_honoured(tiny_m
                       train={"share_prompt": True}, logging={"progress_bar": False, "tensorboard": False})
     with pytest.raises(RecipeError, match="train.share_prompt and train.packing need sdpa or eager"):
         Trainer(recipe_from(raw)).setup()
+
+
+# ---------------------------------------------------------------------------------------------- groups
+def _groups(n_groups=3, size=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        return torch.randint(3, VOCAB, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+
+    sequences, keys = [], []
+    for k in range(n_groups):
+        prompt = ids(1, 12) if k else ids(1, 2)  # group 0: a one-token prompt
+        for _ in range(size):
+            sequences.append((prompt, ids(1, 9)))
+            keys.append(k)
+    return sequences, keys
+
+
+@pytest.mark.parametrize("layout", [dict(share=True), dict(pack_tokens=30), dict(share=True, pack_tokens=25),
+                                    dict(share=True, pack_tokens=10_000)])
+def test_group_layouts_give_the_plain_log_probs_and_gradients(layout, float64_norm):
+    """A group's G completions sharing one prompt segment (and packed) score and differentiate like G
+    separate rows: a policy-gradient surrogate sum(A_i * logp_it) on random advantages."""
+    from posttrain.data.layout import build_sequence_rows, segment_length
+
+    model = make_tiny_model(VOCAB, dtype=torch.float64)
+    sequences, keys = _groups()
+    advantages = torch.randn(len(sequences), 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def step(**kw):
+        model.zero_grad(set_to_none=True)
+        rows = build_sequence_rows(sequences, pad_id=2, mask_dtype=torch.float64, **kw)
+        logps = rows.gather(PolicyLogProbs(model)(*rows.model_inputs()))
+        (logps * advantages).sum().backward()
+        return rows, logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_rows, plain, plain_grads = step()
+    for i, (prompt, completion) in enumerate(sequences[:5]):
+        torch.testing.assert_close(plain[i, :len(completion)], _alone(model, prompt, completion), **TOL)
+    rows, logps, grads = step(shared_by=keys if layout.get("share") else None, pack_tokens=layout.get("pack_tokens"))
+    torch.testing.assert_close(rows.completion_mask, plain_rows.completion_mask, rtol=0, atol=0)
+    torch.testing.assert_close(logps, plain, **TOL)
+    for name, grad in plain_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], grad, **TOL, msg=lambda m, n=name: f"{layout} {n}: {m}")
+    if layout.get("share"):  # each group's prompt once: G - 1 repeated last tokens instead of G - 1 prompts
+        by_group = {}
+        for (prompt, completion), k in zip(sequences, keys):
+            by_group.setdefault(k, (prompt, []))[1].append(completion)
+        assert rows.real_tokens == sum(segment_length(p, cs) for p, cs in by_group.values())
+        assert rows.real_tokens == plain_rows.real_tokens - sum((len(p) - 1) * (len(cs) - 1)
+                                                                for p, cs in by_group.values())
+
+
+def test_online_layouts_take_the_same_grpo_steps(tiny_model_dir, tmp_path, monkeypatch, float64_norm):
+    """The online trainer with train.share_prompt / train.packing takes GRPO's plain steps (float64, KL to the
+    adapter-off reference on, two updates per rollout batch so pi_old comes from a sampling pass, two groups
+    per micro-batch, the same seeded rollouts)."""
+    import shutil
+    from pathlib import Path
+
+    from test_online_distributed import DETERMINISTIC_ENGINE, _grpo_raw
+
+    (tmp_path / "seeded_engine.py").write_text(DETERMINISTIC_ENGINE)
+    shutil.copy(Path(__file__).parent / "online_rewards.py", tmp_path / "online_rewards.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def steps(name, **train):
+        raw = _grpo_raw(tiny_model_dir, tmp_path / name)
+        raw["train"].update({"max_steps": 3, "micro_batch_size": 2, "lr": 0.2, **train})
+        raw["rollout"].update({"updates_per_batch": 2})
+        trainer = Trainer(recipe_from(raw))
+        trainer.setup()
+        return [trainer.train_step(s) for s in range(3)]
+
+    plain = steps("plain")
+    assert plain[2]["kl"] > 0
+    for k, train in enumerate([{"share_prompt": True}, {"packing": True, "pack_tokens": 24},
+                               {"share_prompt": True, "packing": True}]):
+        other = steps(f"r{k}", **train)
+        for a, b in zip(plain, other):
+            assert b["reward/mean"] == a["reward/mean"]  # the same rollouts
+            for key in ("loss", "grad_norm", "kl", "update2/loss", "update2/grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (train, key)

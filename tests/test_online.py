@@ -16,7 +16,7 @@ import yaml
 from helpers import recipe_from, tiny_recipe
 from posttrain.losses import register_loss
 from posttrain.losses.grpo import GRPOLoss
-from posttrain.online import completion_tensors, split_groups, to_completion_layout
+from posttrain.online import completion_tensors, split_groups
 from posttrain.rollout import Completion, HFGenerateEngine, RolloutRecord, SamplingParams, cut_at_stop
 from posttrain.trainer import Trainer
 
@@ -77,6 +77,42 @@ def test_hf_engine_returns_unpadded_completions_that_end_at_eos_or_the_limit(tin
     assert [c.token_ids for c in greedy1] == [c.token_ids for c in greedy2[::-1]]  # left padding does not leak
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_prefill_once_samples_what_a_full_prefill_samples(tiny_model_dir, dtype):
+    """Groups of repeated prompts of different lengths (left padding, a one-token prompt): the prompt computed
+    once and its cache copied gives the same greedy tokens, and with the same seed the same sampled tokens, as
+    generate's own prefill of every copy."""
+    from posttrain.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir), dtype=dtype)
+    eos = model.config.eos_token_id
+    prompts = [[5, 6, 7]] * 3 + [[14]] * 2 + [[8, 9, 10, 11, 12]] * 3 + [[20, 21]]
+    engines = [HFGenerateEngine(lambda: model, pad_id=eos, stop_ids=[eos], batch_size=16, prefill_once=once)
+               for once in (False, True)]
+    calls = []
+    original = model.forward
+
+    def counting(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        calls.append(tuple(ids.shape) if ids is not None else None)
+        return original(*args, **kwargs)
+
+    model.forward = counting
+    for params in (SamplingParams(max_new_tokens=6, greedy=True),
+                   SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0.9, top_k=20, top_p=0.95)):
+        outs = []
+        for engine in engines:
+            calls.clear()
+            torch.manual_seed(0)
+            outs.append([c.token_ids for c in engine.generate(prompts, params)])
+            if engine.prefill_once:  # 4 distinct prompts prefilled once (all but the last token), then 9 rows
+                assert calls[0] == (4, 4) and calls[1] == (9, 1), calls[:2]
+            else:
+                assert calls[0] == (9, 5)
+        assert outs[0] == outs[1], params
+        assert len({tuple(t) for t in outs[1][:3]}) > 1 or params.greedy  # the copies sample independently
+
+
 def test_groups_are_split_whole_over_processes_and_micro_batches():
     groups = list(range(5))
     per_rank = [split_groups(groups, 2, rank, per_micro=2, n_micro=2) for rank in (0, 1)]
@@ -92,9 +128,12 @@ def test_completion_layout_and_truncation_mask():
     assert ids.tolist() == [[7, 8, 0], [7, 9, 9]] and mask.tolist() == [[1, 1, 0], [0, 0, 0]]
     _, kept = completion_tensors(records, masked_truncated=False)
     assert kept.tolist() == [[1, 1, 0], [1, 1, 1]]
-    dense = torch.arange(12.0).reshape(2, 6)  # [N, L-1]: entry t-1 is the log-prob of token t
-    # prompt of 3 tokens: completion token j sits at position 3 + j, so its entry is 2 + j
-    assert to_completion_layout(dense, torch.tensor([3, 2]), 3).tolist() == [[2.0, 3.0, 4.0], [7.0, 8.0, 9.0]]
+    from posttrain.data.layout import build_sequence_rows
+
+    rows = build_sequence_rows([(rec.prompt_ids[:3 - i], rec.completion_ids) for i, rec in enumerate(records)], 0)
+    dense = torch.arange(8.0).reshape(2, 4)  # [N, L-1]: entry t-1 is the log-prob of token t
+    # prompts of 3 and 2 tokens: completion token j sits at position P + j, so its entry is P - 1 + j
+    assert rows.gather(dense).tolist() == [[2.0, 3.0, 0.0], [5.0, 6.0, 7.0]]
 
 
 # ------------------------------------------------------------------------------------------- a loss that inspects its inputs

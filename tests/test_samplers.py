@@ -137,9 +137,15 @@ def test_vade_samples_fewer_zero_variance_groups_than_uniform(seed):
 
 # ----------------------------------------------------------------------------------------------------
 # state_dict round trip
+def test_sequential_takes_the_file_order_and_wraps():
+    sampler = build_sampler("sequential", 7)
+    assert [sampler.select(3) for _ in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 0, 1]]
+
+
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,params", [("vade", {}), ("uniform", {}), ("uniform", {"zero_variance_filter": True})])
+@pytest.mark.parametrize("name,params", [("vade", {}), ("uniform", {}), ("uniform", {"zero_variance_filter": True}),
+                                         ("sequential", {})])
 def test_state_dict_round_trip_resumes_identically(name, params):
     rates = success_rates()
 

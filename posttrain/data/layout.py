@@ -1,26 +1,29 @@
-"""Row layouts of a batch of pairs: which tokens go in which row, and who attends to whom.
+"""Row layouts of a batch of (prompt, completion) sequences: which tokens go in which row, and who attends to whom.
 
-A pair (x, y_w, y_l) becomes *segments*, and segments are laid out in *rows*:
+Sequences become *segments*, and segments are laid out in *rows*:
 
-- plain: two segments per pair, `x + y_w` and `x + y_l`, one per row, right-padded, with the usual
-  2-D padding mask (chosen rows first, then rejected rows; the path every other layout is checked against).
-- share_prompt: one segment per pair, `x + y_w + [x_last] + y_l`. The prompt is computed once instead of
-  twice. A 4-D mask lets y_l see x but not y_w, and position ids of y_l continue from x's end. The
-  repeated last prompt token (at x's last position, attending to x like the original) predicts the
-  first rejected token, so the shift-by-one convention holds without special cases.
+- plain: one segment per sequence, `x + y`, one per row, right-padded, with the usual 2-D padding
+  mask (the path every other layout is checked against).
+- shared prompt: sequences that share a prompt x (a pair's chosen and rejected response, a group's G
+  completions) become one segment, `x + y_1 + [x_last] + y_2 + ... + [x_last] + y_k`. The prompt is
+  computed once instead of k times. A 4-D mask lets each y_j see x and itself but no other y, and the
+  position ids of each y_j continue from x's end. Each repeated last prompt token (at x's last
+  position, attending to x like the original) predicts the first token of the next response, so the
+  shift-by-one convention holds without special cases.
 - packing: several segments per row (ceil(total / `pack_tokens`) rows of balanced length), position
   ids restarting at every segment and attention confined to it (block-diagonal mask). Padding is
   only what is left at the end of a row when the rows are stacked: none at all in one row.
 
-Every position carries a segment id and a branch id (0: the shared prompt, seen by both responses;
-1: the chosen response, or the whole sequence of a plain segment; 2: the rejected response; padding
-has segment -1). A query attends to a key iff the key is not later, in the same segment, and of
-branch 0 or the query's own branch; a padding query sees only itself (no empty softmax rows).
+Every position carries a segment id and a branch id (0: the shared prompt, seen by every response;
+j: the j-th response of the segment, or the whole sequence of a plain segment; padding has segment -1).
+A query attends to a key iff the key is not later, in the same segment, and of branch 0 or the query's
+own branch; a padding query sees only itself (no empty softmax rows).
 
-Whatever the layout, `split` returns per-pair tensors [B, T] of chosen and rejected completion
-tokens, token k of the response at column k (T = the longest response of the batch): what the loss
-plug-ins receive (`PairLossInputs`), so no loss knows the layout. The values are those of the plain
-path up to float summation order (tests/test_layout.py checks 1e-9 in float64).
+Whatever the layout, `SequenceRows.gather` returns [N, T] completion log-probs, token k of sequence
+i's completion at column k (T = the longest completion): pairs split them into chosen and rejected
+(`PairRows.split`, what `PairLossInputs` holds), groups take them as they are (`GroupLossInputs`), so
+no loss knows the layout. The values are those of the plain path up to float summation order
+(tests/test_layout.py checks 1e-9 in float64).
 """
 
 from __future__ import annotations
@@ -34,58 +37,53 @@ import torch
 from posttrain.data.collate import pad_sequences
 from posttrain.data.tokenize import TokenizedPair
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
+PROMPT = 0  # branch of the shared prompt; response j of a segment has branch j (1, 2, ...)
 
 
 @dataclass
-class PairRows:
-    """Model inputs of a batch of B pairs in some layout, and where each response token's log-prob lands.
+class SequenceRows:
+    """Model inputs of N sequences in some layout, and where each completion token's log-prob lands.
 
-    Log-probs come back as [n, W-1] (entry t-1 scores token t); `chosen_at[b, k]` is the flat index
-    in them of token k of pair b's chosen response (0 where `chosen_mask` is 0), likewise rejected.
+    Log-probs come back as [n, W-1] (entry t-1 scores token t); `completion_at[i, k]` is the flat index
+    in them of token k of sequence i's completion (0 where `completion_mask` is 0).
     """
 
     input_ids: torch.Tensor  # [n, W]
     attention_mask: torch.Tensor  # [n, W] (plain) or [n, 1, W, W]
-    loss_mask: torch.Tensor  # [n, W], 1 on response tokens
+    loss_mask: torch.Tensor  # [n, W], 1 on completion tokens
     position_ids: Optional[torch.Tensor]  # [n, W], None for plain rows
-    chosen_at: torch.Tensor  # [B, T] long
-    rejected_at: torch.Tensor
-    chosen_mask: torch.Tensor  # [B, T] float32
-    rejected_mask: torch.Tensor
-    chosen_weights: Optional[torch.Tensor] = None  # [B, T] per-token weights (token-weighted losses)
-    rejected_weights: Optional[torch.Tensor] = None
+    completion_at: torch.Tensor  # [N, T] long
+    completion_mask: torch.Tensor  # [N, T] float32
     real_tokens: int = 0  # positions holding a real token
     total_positions: int = 0  # n x W
 
     def model_inputs(self) -> tuple:
         return self.input_ids, self.attention_mask, self.loss_mask, self.position_ids
 
-    def split(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs [n, W-1] -> (chosen [B, T], rejected [B, T]), zero off the responses."""
-        flat = logps.reshape(-1)
-        chosen = flat[self.chosen_at] * self.chosen_mask.to(logps.dtype)
-        rejected = flat[self.rejected_at] * self.rejected_mask.to(logps.dtype)
-        return chosen, rejected
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-position values [n, W-1] -> [N, T] per completion token (differentiable), zero off the completions."""
+        return values.reshape(-1)[self.completion_at] * self.completion_mask.to(values.dtype)
 
 
-def shared_length(pair: TokenizedPair) -> int:
-    """Positions of a pair's shared-prompt segment: x + y_w + [x_last] + y_l."""
-    return len(pair.prompt_ids) + len(pair.chosen_ids) + 1 + len(pair.rejected_ids)
+def segment_length(prompt: list[int], completions: list[list[int]]) -> int:
+    """Positions of a shared-prompt segment: x + y_1 + [x_last] + y_2 + ... (one position per extra response)."""
+    return len(prompt) + sum(len(c) for c in completions) + len(completions) - 1
 
 
-def pair_segments(pair: TokenizedPair, share_prompt: bool):
-    """The segments of one pair, each (token ids, position ids, branch ids, chosen label start,
-    rejected label start) with None for a response the segment does not hold."""
-    x, w, l = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
-    P, C, R = len(x), len(w), len(l)
-    if share_prompt:
-        ids = x + w + [x[-1]] + l
-        positions = list(range(P + C)) + list(range(P - 1, P + R))
-        branches = [PROMPT] * (P - 1) + [CHOSEN] * (C + 1) + [REJECTED] * (R + 1)
-        return [(ids, positions, branches, P, P + C + 1)]
-    return [(x + w, list(range(P + C)), [CHOSEN] * (P + C), P, None),
-            (x + l, list(range(P + R)), [CHOSEN] * (P + R), None, P)]
+def _segment(prompt: list[int], completions: list[list[int]], members: list[int]):
+    """One segment: (token ids, position ids, branch ids, [(sequence, label start)]). Several members share the
+    prompt; one member is a plain sequence."""
+    P = len(prompt)
+    if len(members) == 1:
+        L = P + len(completions[0])
+        return prompt + completions[0], list(range(L)), [1] * L, [(members[0], P)]
+    ids, positions, branches, starts = prompt[:-1], list(range(P - 1)), [PROMPT] * (P - 1), []
+    for j, (completion, member) in enumerate(zip(completions, members), start=1):
+        starts.append((member, len(ids) + 1))
+        ids = ids + [prompt[-1]] + completion
+        positions += list(range(P - 1, P + len(completion)))
+        branches += [j] * (len(completion) + 1)
+    return ids, positions, branches, starts
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -103,45 +101,39 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return [row for row in rows if row]
 
 
-def _response_tensors(values: list[list[float]], width: int, dtype) -> torch.Tensor:
-    out = torch.zeros((len(values), width), dtype=dtype)
-    for b, v in enumerate(values):
-        out[b, :len(v)] = torch.tensor(v, dtype=dtype)
-    return out
-
-
-def build_pair_rows(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool = False,
-                    pack_tokens: Optional[int] = None, attention: str = "sdpa",
-                    mask_dtype: torch.dtype = torch.float32) -> PairRows:
-    """Lay out `pairs` (see the module docstring). `pack_tokens=None`: one segment per row; otherwise
-    rows of about that many positions. `attention` is the model's attention implementation: sdpa takes
-    a boolean 4-D mask, eager an additive one in `mask_dtype`."""
-    if not pairs:
-        raise ValueError("build_pair_rows: no pairs to lay out.")
-    if (share_prompt or pack_tokens is not None) and any(not p.prompt_ids for p in pairs):
-        raise ValueError("shared-prompt and packed rows need a non-empty prompt in every pair")
-    B = len(pairs)
-    segments, owner = [], []  # owner[s] = pair of segment s
-    if share_prompt:
-        for b, p in enumerate(pairs):
-            segments += pair_segments(p, True)
-            owner.append(b)
-    else:  # chosen segments of every pair, then rejected ones: the plain row order
-        per_pair = [pair_segments(p, False) for p in pairs]
-        segments = [s[0] for s in per_pair] + [s[1] for s in per_pair]
-        owner = list(range(B)) * 2
-    lengths = [len(s[0]) for s in segments]
-    plain = not share_prompt and pack_tokens is None
+def build_sequence_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int,
+                        shared_by: Optional[list] = None, pack_tokens: Optional[int] = None,
+                        attention: str = "sdpa", mask_dtype: torch.dtype = torch.float32) -> SequenceRows:
+    """Lay out (prompt, completion) `sequences` (see the module docstring). `shared_by[i]`: a key; sequences with
+    the same key share one segment, their prompt computed once (their prompts must be equal); None: one segment
+    per sequence. `pack_tokens=None`: one segment per row; otherwise rows of about that many positions.
+    `attention` is the model's attention implementation: sdpa takes a boolean 4-D mask, eager an additive one in
+    `mask_dtype`."""
+    if not sequences:
+        raise ValueError("build_sequence_rows: no sequences to lay out.")
+    custom = shared_by is not None or pack_tokens is not None
+    if custom and any(not prompt for prompt, _ in sequences):
+        raise ValueError("shared-prompt and packed rows need a non-empty prompt in every sequence")
+    members: dict = {}
+    for i, key in enumerate(shared_by if shared_by is not None else range(len(sequences))):
+        members.setdefault(key, []).append(i)
+    segments = []
+    for key, group in members.items():
+        prompt = sequences[group[0]][0]
+        if any(sequences[i][0] != prompt for i in group):
+            raise ValueError(f"build_sequence_rows: sequences sharing the key {key!r} have different prompts")
+        segments.append(_segment(prompt, [sequences[i][1] for i in group], group))
+    lengths = [len(seg[0]) for seg in segments]
     rows = [[s] for s in range(len(segments))] if pack_tokens is None else pack(lengths, pack_tokens)
     n, W = len(rows), max(sum(lengths[s] for s in row) for row in rows)
 
-    T = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
-    chosen_at = torch.zeros((B, T), dtype=torch.long)
-    rejected_at = torch.zeros((B, T), dtype=torch.long)
-    if plain:
-        input_ids, attention_mask, loss_mask = pad_sequences([(p.prompt_ids, p.chosen_ids) for p in pairs]
-                                                             + [(p.prompt_ids, p.rejected_ids) for p in pairs], pad_id)
+    N, T = len(sequences), max(1, max(len(c) for _, c in sequences))
+    completion_at = torch.zeros((N, T), dtype=torch.long)
+    completion_mask = torch.zeros((N, T), dtype=torch.float32)
+    if not custom:
+        input_ids, attention_mask, loss_mask = pad_sequences(sequences, pad_id)
         position_ids = None
+        W = input_ids.shape[1]
     else:
         input_ids = torch.full((n, W), pad_id, dtype=torch.long)
         position_ids = torch.zeros((n, W), dtype=torch.long)
@@ -151,25 +143,23 @@ def build_pair_rows(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool 
     for r, row in enumerate(rows):
         offset = 0
         for s in row:
-            ids, positions, branches, chosen_start, rejected_start = segments[s]
-            b, L = owner[s], len(ids)
-            if not plain:
+            ids, positions, branches, starts = segments[s]
+            L = len(ids)
+            if custom:
                 input_ids[r, offset:offset + L] = torch.tensor(ids)
                 position_ids[r, offset:offset + L] = torch.tensor(positions)
                 branch[r, offset:offset + L] = torch.tensor(branches)
                 segment[r, offset:offset + L] = s
-            for start, response, at in ((chosen_start, pairs[b].chosen_ids, chosen_at),
-                                        (rejected_start, pairs[b].rejected_ids, rejected_at)):
-                if start is None:
-                    continue
-                first = offset + start  # row position of the response's first token
-                if not plain:
-                    loss_mask[r, first:first + len(response)] = 1
+            for i, start in starts:
+                first, C = offset + start, len(sequences[i][1])  # row position of the completion's first token
+                if custom:
+                    loss_mask[r, first:first + C] = 1
                 # token at row position t is scored at log-prob column t - 1
-                at[b, :len(response)] = r * (W - 1) + torch.arange(first - 1, first - 1 + len(response))
+                completion_at[i, :C] = r * (W - 1) + torch.arange(first - 1, first - 1 + C)
+                completion_mask[i, :C] = 1.0
             offset += L
 
-    if not plain:
+    if custom:
         causal = torch.ones((W, W), dtype=torch.bool).tril()
         sq, sk = segment[:, :, None], segment[:, None, :]
         bq, bk = branch[:, :, None], branch[:, None, :]
@@ -181,10 +171,70 @@ def build_pair_rows(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool 
         else:  # eager attention adds the mask to the scores
             attention_mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(~allowed,
                                                                                      torch.finfo(mask_dtype).min)
-    chosen_mask = _response_tensors([[1.0] * len(p.chosen_ids) for p in pairs], T, torch.float32)
-    rejected_mask = _response_tensors([[1.0] * len(p.rejected_ids) for p in pairs], T, torch.float32)
+    return SequenceRows(input_ids, attention_mask, loss_mask, position_ids, completion_at, completion_mask,
+                        real_tokens=sum(lengths), total_positions=int(input_ids.numel()))
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+@dataclass
+class PairRows(SequenceRows):
+    """The rows of B pairs: sequences 0..B-1 are the chosen responses, B..2B-1 the rejected ones."""
+
+    chosen_weights: Optional[torch.Tensor] = None  # [B, T] per-token weights (token-weighted losses)
+    rejected_weights: Optional[torch.Tensor] = None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.completion_at.shape[0] // 2
+
+    @property
+    def chosen_at(self) -> torch.Tensor:
+        return self.completion_at[:self.num_pairs]
+
+    @property
+    def rejected_at(self) -> torch.Tensor:
+        return self.completion_at[self.num_pairs:]
+
+    @property
+    def chosen_mask(self) -> torch.Tensor:
+        return self.completion_mask[:self.num_pairs]
+
+    @property
+    def rejected_mask(self) -> torch.Tensor:
+        return self.completion_mask[self.num_pairs:]
+
+    def split(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs [n, W-1] -> (chosen [B, T], rejected [B, T]), zero off the responses."""
+        both = self.gather(logps)
+        return both[:self.num_pairs], both[self.num_pairs:]
+
+
+def shared_length(pair: TokenizedPair) -> int:
+    """Positions of a pair's shared-prompt segment: x + y_w + [x_last] + y_l."""
+    return segment_length(pair.prompt_ids, [pair.chosen_ids, pair.rejected_ids])
+
+
+def _response_tensors(values: list[list[float]], width: int, dtype) -> torch.Tensor:
+    out = torch.zeros((len(values), width), dtype=dtype)
+    for b, v in enumerate(values):
+        out[b, :len(v)] = torch.tensor(v, dtype=dtype)
+    return out
+
+
+def build_pair_rows(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool = False,
+                    pack_tokens: Optional[int] = None, attention: str = "sdpa",
+                    mask_dtype: torch.dtype = torch.float32) -> PairRows:
+    """Lay out `pairs`: their chosen sequences, then their rejected ones, each pair's two sharing one segment when
+    `share_prompt` (see `build_sequence_rows`)."""
+    if not pairs:
+        raise ValueError("build_pair_rows: no pairs to lay out.")
+    B = len(pairs)
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    rows = build_sequence_rows(sequences, pad_id, shared_by=list(range(B)) * 2 if share_prompt else None,
+                               pack_tokens=pack_tokens, attention=attention, mask_dtype=mask_dtype)
     chosen_weights = rejected_weights = None
     if any(p.chosen_weights is not None or p.rejected_weights is not None for p in pairs):
+        T = rows.completion_at.shape[1]
         for p in pairs:
             for weights, response in ((p.chosen_weights, p.chosen_ids), (p.rejected_weights, p.rejected_ids)):
                 if weights is not None and len(weights) != len(response):
@@ -194,6 +244,4 @@ def build_pair_rows(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool 
                                            torch.float32)
         rejected_weights = _response_tensors([p.rejected_weights or [1.0] * len(p.rejected_ids) for p in pairs], T,
                                              torch.float32)
-    return PairRows(input_ids, attention_mask, loss_mask, position_ids, chosen_at, rejected_at, chosen_mask,
-                    rejected_mask, chosen_weights, rejected_weights, real_tokens=sum(lengths),
-                    total_positions=int(input_ids.numel()))
+    return PairRows(**vars(rows), chosen_weights=chosen_weights, rejected_weights=rejected_weights)

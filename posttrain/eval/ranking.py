@@ -135,17 +135,20 @@ def choose_layout(logprob_model, pairs: list[TokenizedPair], layout: str = "auto
         if layout == "shared" and any(not p.prompt_ids for p in pairs):
             raise ValueError("the shared layout needs a non-empty prompt in every pair")
         return layout
-    config = _hf_config(logprob_model)
-    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return "separate"
     if any(not p.prompt_ids for p in pairs):
         return "separate"
+    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=0)
+    return "shared" if custom_mask_supported(logprob_model, longest) else "separate"
+
+
+def custom_mask_supported(logprob_model, longest: int) -> bool:
+    """Whether the model honours a custom 4-D attention mask exactly for sequences up to `longest` tokens: sdpa or
+    eager attention, and no sliding window shorter than that."""
+    config = _hf_config(logprob_model)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=0)
-        if longest > window:
-            return "separate"
-    return "shared"
+    return not (window and getattr(config, "use_sliding_window", True) and longest > window)
 
 
 def attention_kind(logprob_model) -> str:

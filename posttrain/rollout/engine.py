@@ -70,16 +70,23 @@ class HFGenerateEngine(GenerationEngine):
     completions end at different lengths never wait on each other), else a null context; `autocast()`
     the precision context (the trainer's bf16 autocast when the recipe asks for it).
     Prompts are left-padded and generated `batch_size` at a time.
+
+    `prefill_once`: a prompt that occurs several times in a batch (a group's G copies) is run through the
+    model once; its KV cache is copied to every copy and `generate` continues from there (the cache holds
+    all prompt tokens but the last, which generate feeds to produce the first new token). Position ids
+    follow generate's own rule (cumulative attention mask), so each copy samples from the distribution a
+    full prefill would give, up to float rounding of the smaller batch.
     """
 
     def __init__(self, model_getter: Callable, pad_id: int, stop_ids: list[int], batch_size: int = 64,
-                 gather: Optional[Callable] = None, autocast: Optional[Callable] = None):
+                 gather: Optional[Callable] = None, autocast: Optional[Callable] = None, prefill_once: bool = True):
         self.model_getter = model_getter
         self.pad_id = pad_id
         self.stop_ids = set(int(i) for i in stop_ids)
         self.batch_size = batch_size
         self.gather = gather or contextlib.nullcontext
         self.autocast = autocast or contextlib.nullcontext
+        self.prefill_once = prefill_once
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -100,19 +107,53 @@ class HFGenerateEngine(GenerationEngine):
             model.train(was_training)
         return out
 
-    def _generate_chunk(self, model, prompts: list[list[int]], params: SamplingParams, device) -> list[Completion]:
-        width = max(len(p) for p in prompts)
+    def _left_padded(self, prompts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention_mask[i, width - len(p):] = 1
+        return input_ids, attention_mask
+
+    def _shared_prefix_cache(self, model, prompts: list[list[int]], width: int, device):
+        """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to each
+        occurrence; None when no prompt repeats."""
+        from transformers import DynamicCache
+
+        distinct: dict[tuple, int] = {}
+        owner = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        if len(distinct) == len(prompts) or width < 2:
+            return None
+        input_ids, attention_mask = self._left_padded([list(p) for p in distinct], width)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # generate's rule
+        cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids[:, :-1].to(device), attention_mask=attention_mask[:, :-1].to(device),
+              position_ids=position_ids[:, :-1].to(device), use_cache=True, logits_to_keep=1,
+              **{_cache_keyword(model): cache})
+        cache.reorder_cache(torch.tensor(owner, device=device))
+        return cache
+
+    def _generate_chunk(self, model, prompts: list[list[int]], params: SamplingParams, device) -> list[Completion]:
+        width = max(len(p) for p in prompts)
+        input_ids, attention_mask = self._left_padded(prompts, width)
         kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
                       eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad_id, use_cache=True)
         if params.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        if self.prefill_once:
+            cache = self._shared_prefix_cache(model, prompts, width, device)
+            if cache is not None:
+                kwargs[_cache_keyword(model)] = cache
         sequences = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
         new = sequences[:, width:].tolist()
         return [cut_at_stop(tokens, self.stop_ids, params.max_new_tokens) for tokens in new]
+
+
+def _cache_keyword(model) -> str:
+    """`cache` in recent transformers, `past_key_values` before it was renamed."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
