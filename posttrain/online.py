@@ -330,13 +330,11 @@ def group_rows(trainer, records: list[RolloutRecord], rows: list[int], slots: li
 def _forward(trainer, records, rows, slots, width, temperature, reference=False):
     """Completion log-probs [len(rows), width] (and per-token entropy, None for the reference)."""
     layout = group_rows(trainer, records, rows, slots)
-    inputs = layout.model_inputs()
     with trainer._autocast():
         if reference:
-            dense, ent = trainer._reference_logps(dict(zip(("input_ids", "attention_mask", "loss_mask",
-                                                            "position_ids"), inputs)), temperature), None
+            dense, ent = trainer._reference_logps(layout.as_batch(), temperature), None
         else:
-            dense, ent = trainer.model(*inputs, temperature=temperature, return_entropy=True)
+            dense, ent = trainer.model(*layout.model_inputs(), temperature=temperature, return_entropy=True)
 
     def completion(values):
         out = layout.gather(values)

@@ -249,7 +249,7 @@ class Trainer:
         for start in bar:
             index = order[start:start + bs]
             rows = self._rows([self.train_pairs[i] for i in index])
-            chosen, rejected = rows.split(self._reference_logps(_as_batch(rows)))
+            chosen, rejected = rows.split(self._reference_logps(rows.as_batch()))
             for j, i in enumerate(index):
                 cache[i] = (chosen[j][rows.chosen_mask[j].bool()].clone(),
                             rejected[j][rows.rejected_mask[j].bool()].clone())
@@ -274,7 +274,7 @@ class Trainer:
     def _loss_inputs(self, indices: list[Optional[int]], rows: PairRows, normaliser: Normaliser) -> PairLossInputs:
         """Policy (and, when the loss asks, reference) log-probs of one micro-batch, as typed loss inputs:
         [B, T] chosen and rejected tensors whatever the row layout."""
-        batch = _as_batch(rows)
+        batch = rows.as_batch()
         with self._autocast():
             logps = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["position_ids"])
         chosen, rejected = rows.split(logps)
@@ -538,12 +538,6 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(f"[posttrain] {text}")
-
-
-def _as_batch(rows: PairRows) -> dict:
-    input_ids, attention_mask, loss_mask, position_ids = rows.model_inputs()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "position_ids": position_ids}
 
 
 def _recipe_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -60,6 +60,11 @@ class SequenceRows:
     def model_inputs(self) -> tuple:
         return self.input_ids, self.attention_mask, self.loss_mask, self.position_ids
 
+    def as_batch(self) -> dict:
+        """The model inputs by name (what `Trainer._reference_logps` takes)."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "loss_mask": self.loss_mask,
+                "position_ids": self.position_ids}
+
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Per-position values [n, W-1] -> [N, T] per completion token (differentiable), zero off the completions."""
         return values.reshape(-1)[self.completion_at] * self.completion_mask.to(values.dtype)

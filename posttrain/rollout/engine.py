@@ -115,7 +115,7 @@ class HFGenerateEngine(GenerationEngine):
             attention_mask[i, width - len(p):] = 1
         return input_ids, attention_mask
 
-    def _shared_prefix_cache(self, model, prompts: list[list[int]], width: int, device):
+    def _shared_prefix_cache(self, model, prompts: list[list[int]], width: int, device, keyword: str):
         """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to each
         occurrence; None when no prompt repeats."""
         from transformers import DynamicCache
@@ -129,7 +129,7 @@ class HFGenerateEngine(GenerationEngine):
         cache = DynamicCache(config=model.config)
         model(input_ids=input_ids[:, :-1].to(device), attention_mask=attention_mask[:, :-1].to(device),
               position_ids=position_ids[:, :-1].to(device), use_cache=True, logits_to_keep=1,
-              **{_cache_keyword(model): cache})
+              **{keyword: cache})
         cache.reorder_cache(torch.tensor(owner, device=device))
         return cache
 
@@ -143,9 +143,10 @@ class HFGenerateEngine(GenerationEngine):
         else:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         if self.prefill_once:
-            cache = self._shared_prefix_cache(model, prompts, width, device)
+            keyword = _cache_keyword(model)
+            cache = self._shared_prefix_cache(model, prompts, width, device, keyword)
             if cache is not None:
-                kwargs[_cache_keyword(model)] = cache
+                kwargs[keyword] = cache
         sequences = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
         new = sequences[:, width:].tolist()
         return [cut_at_stop(tokens, self.stop_ids, params.max_new_tokens) for tokens in new]
