@@ -201,7 +201,8 @@ def posttrain_recipe(spec: dict, output_dir: str) -> dict:
 def run_posttrain(spec: dict) -> dict:
     import torch
 
-    from posttrain.config import load_recipe
+    from posttrain.recipe import load_recipe
+    from posttrain.steps.pairs import PairStep
     from posttrain.trainer import Trainer
 
     torch.set_num_threads(spec["threads"])
@@ -209,16 +210,16 @@ def run_posttrain(spec: dict) -> dict:
         t0 = time.perf_counter()
         trainer = Trainer(load_recipe(raw=posttrain_recipe(spec, tmp)))
         precompute = {"s": 0.0}
-        original = trainer._precompute_reference
+        original = PairStep._precompute_reference
 
-        def timed_precompute():
+        def timed_precompute(step, batch_size):
             started = time.perf_counter()
             try:
-                return original()
+                return original(step, batch_size)
             finally:
                 precompute["s"] = time.perf_counter() - started
 
-        trainer._precompute_reference = timed_precompute
+        PairStep._precompute_reference = timed_precompute
         trainer.setup()
         torch.set_num_threads(spec["threads"])
         setup_s = time.perf_counter() - t0
@@ -240,7 +241,7 @@ def run_numerics(spec: dict) -> dict:
     import torch
 
     from posttrain.config import LossTerm
-    from posttrain.core import Normaliser, PolicyLogProbs
+    from posttrain.core import PolicyLogProbs, StepCounts
     from posttrain.data.layout import build_pair_rows
     from posttrain.data.tokenize import TokenizedPair
     from posttrain.losses import PairLossInputs, build_loss
@@ -287,9 +288,10 @@ def run_numerics(spec: dict) -> dict:
                 ref_chosen, ref_rejected = rows.split(logprobs(*rows.model_inputs()))
         ours = torch.cat([chosen.sum(-1), rejected.sum(-1)]).double()
         ours_ref = torch.cat([ref_chosen.sum(-1), ref_rejected.sum(-1)]).double()
-        inputs = PairLossInputs(chosen, rejected, rows.chosen_mask, rows.rejected_mask, Normaliser(k, 0.0),
-                                torch.ones(k), ref_chosen, ref_rejected)
-        our_loss = build_loss([LossTerm(name="dpo", params={"beta": 0.1})])(inputs).loss.item()
+        inputs = PairLossInputs(chosen, rejected, rows.chosen_mask, rows.rejected_mask, torch.ones(k), ref_chosen,
+                                ref_rejected)
+        counts = StepCounts(examples=k, tokens=float(rows.chosen_mask.sum()))  # the step is this one batch
+        our_loss = build_loss([LossTerm(name="dpo", params={"beta": 0.1})]).step_loss(inputs, counts).loss.item()
     moved = bool((trl_sums - trl_ref).abs().max() > 1e-3)  # the policy has left its reference
     diffs = {"policy_sums": ((ours - trl_sums).abs() / trl_sums.abs()).max().item(),
              "reference_sums": ((ours_ref - trl_ref).abs() / trl_ref.abs()).max().item(),

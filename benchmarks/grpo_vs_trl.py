@@ -184,7 +184,7 @@ def posttrain_recipe(spec: dict) -> dict:
 def run_posttrain(spec: dict) -> dict:
     import torch
 
-    from posttrain.config import load_recipe
+    from posttrain.recipe import load_recipe
     from posttrain.trainer import Trainer
 
     torch.set_num_threads(spec["threads"])

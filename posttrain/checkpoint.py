@@ -14,9 +14,8 @@ weights_only=False). A checkpoint is
 written to a temporary directory and renamed into place: a directory named `step-*` is complete,
 whatever moment the process died at. Only one process writes (apart from deepspeed/).
 
-Test hooks (environment): POSTTRAIN_KILL_AFTER_CHECKPOINT=k sends SIGKILL to the process right after
-checkpoint k is complete; POSTTRAIN_KILL_BEFORE_RENAME=k does so after its files are written but
-before the rename.
+Callbacks (posttrain.callbacks) see a checkpoint after its files are written and before the rename
+(`before_checkpoint_rename`), and once it is complete (`on_checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Optional
 
@@ -43,11 +41,6 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
         return None
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()]
     return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
-
-
-def _maybe_kill(variable: str, step: int) -> None:
-    if os.environ.get(variable) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_trainable(model, directory: Path) -> None:
@@ -74,7 +67,7 @@ def prepare_staging(output_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[dict, dict], scheduler,
-                    rngs: list[dict], state: dict, keep_last: int) -> Path:
+                    rngs: list[dict], state: dict, keep_last: int, callbacks=()) -> Path:
     """Write checkpoint `step` (see the module docstring) into its prepared staging directory, which
     may already hold DeepSpeed's own files, and rename it into place. `training_state` is the (tensors,
     meta) of posttrain.distributed; `model` None writes no adapter/ (DeepSpeed's files hold the model);
@@ -93,7 +86,8 @@ def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[di
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"per_process": [_plain_rng(rng) for rng in rngs]}, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    _maybe_kill("POSTTRAIN_KILL_BEFORE_RENAME", step)
+    for callback in callbacks:
+        callback.before_checkpoint_rename(step, tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -101,7 +95,8 @@ def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[di
     older = sorted((p for p in root.iterdir() if p.name.startswith(PREFIX)), key=lambda p: int(p.name[len(PREFIX):]))
     for stale in older[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
-    _maybe_kill("POSTTRAIN_KILL_AFTER_CHECKPOINT", step)
+    for callback in callbacks:
+        callback.on_checkpoint(step, final)
     return final
 
 
@@ -133,7 +128,7 @@ def _plain_rng(rng: dict) -> dict:
     kind, keys, pos, has_gauss, cached = rng["numpy"]
     return {"python": [version, list(internal), gauss], "numpy": [kind, torch.from_numpy(keys.astype("int64")),
                                                                   int(pos), int(has_gauss), float(cached)],
-            "torch": rng["torch"]}
+            "torch": rng["torch"], "cuda": rng.get("cuda")}
 
 
 def restore_rng(saved: dict) -> None:
@@ -146,6 +141,8 @@ def restore_rng(saved: dict) -> None:
     kind, keys, pos, has_gauss, cached = saved["numpy"]
     np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
     torch.set_rng_state(saved["torch"])
+    if saved.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
 
 
 def read_checkpoint(path: Path, scheduler, rank: int = 0) -> tuple[dict, dict, dict]:

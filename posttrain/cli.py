@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from posttrain.config import load_recipe
+    from posttrain.recipe import load_recipe
     from posttrain.trainer import Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -85,7 +85,7 @@ def _train(args) -> int:
 
 
 def _validate(args) -> int:
-    from posttrain.config import load_recipe
+    from posttrain.recipe import load_recipe
 
     load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: valid")
@@ -103,10 +103,18 @@ def _losses(_args) -> int:
 
     from posttrain.losses import LOSSES
 
+    print("level and reference are those of the default params; the note says which params change them")
     for name, cls in sorted(LOSSES.items()):
+        loss = cls()  # the defaults: level and reference can depend on the params (GRPO's loss_type, beta)
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
-        print(f"{name:12s} level={cls.level:9s} reference={'yes' if cls.needs_reference else 'no':3s}  {fields}")
+        print(f"{name:12s} data={loss.data_kind:6s} level={loss.level:16s} "
+              f"reference={'yes' if loss.needs_reference else 'no':3s}  {fields}{LEVEL_NOTES.get(name, '')}")
     return 0
+
+
+LEVEL_NOTES = {"grpo": "  [level token for loss_type dapo/bnpo, sequence for grpo/dr_grpo; reference iff beta > 0]",
+               "sft": "  [level token for reduction token_mean_batch, else sequence]",
+               "simpo": "  [+ token with sft_weight > 0]", "dpo": "  [no reference with reference_free]"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
+from posttrain.errors import PosttrainError
+from posttrain.plan import shard_for_rank
+
 
 def micro_batch_tokens(pairs) -> tuple[int, int]:
     """(sequences, padded length) of the plain-layout micro-batch of these pairs."""
@@ -17,36 +22,41 @@ def micro_batch_tokens(pairs) -> tuple[int, int]:
     return 2 * len(pairs), length
 
 
-def largest_micro_batch(trainer) -> tuple[int, int, int, int]:
+def device_memory(device: torch.device) -> str:
+    """A note on the accelerator's memory (free, total, peak allocated by this process), empty on CPU."""
+    if device.type != "cuda":
+        return ""
+    free, total = torch.cuda.mem_get_info(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    gib = 2 ** 30
+    return f" (GPU {device}: {free / gib:.1f} GiB free of {total / gib:.1f} GiB, peak allocated {peak / gib:.1f} GiB)"
+
+
+def largest_micro_batch(pairs, plan, world: int, micro_batch_size: int, n_micro: int) -> tuple[int, int, int, int]:
     """(tokens, step, sequences, padded length) of the largest micro-batch any process will build
     over the whole plan (filler rows repeat pair 0 and count too: they take memory)."""
-    from posttrain.trainer import shard_for_rank
-
     best = (0, 0, 0, 0)
-    t = trainer.recipe.train
-    for step in range(trainer.plan.total_steps):
-        indices = trainer.plan.indices(step)
-        for rank in range(trainer.world):
-            for rows in shard_for_rank(indices, rank, trainer.world, t.micro_batch_size, trainer.n_micro):
-                sequences, length = micro_batch_tokens([trainer.train_pairs[i if i is not None else 0] for i in rows])
+    for step in range(plan.total_steps):
+        indices = plan.indices(step)
+        for rank in range(world):
+            for rows in shard_for_rank(indices, rank, world, micro_batch_size, n_micro):
+                sequences, length = micro_batch_tokens([pairs[i if i is not None else 0] for i in rows])
                 if sequences * length > best[0]:
                     best = (sequences * length, step, sequences, length)
     return best
 
 
-def check_micro_batch_memory(trainer) -> None:
+def check_micro_batch_memory(recipe, pairs, plan, world: int, n_micro: int, device: torch.device) -> None:
     """Refuse, before training, a plan whose largest micro-batch exceeds
     `train.max_tokens_per_micro_batch`, saying which micro_batch_size or max_length would fit."""
-    limit = trainer.recipe.train.max_tokens_per_micro_batch
-    if limit is None or not trainer.train_pairs:
+    limit = recipe.train.max_tokens_per_micro_batch
+    if limit is None or not pairs:
         return
-    tokens, step, sequences, length = largest_micro_batch(trainer)
+    tokens, step, sequences, length = largest_micro_batch(pairs, plan, world, recipe.train.micro_batch_size, n_micro)
     if tokens <= limit:
         return
-    from posttrain.errors import PosttrainError
-
-    t, d = trainer.recipe.train, trainer.recipe.data
-    _, longest = micro_batch_tokens(trainer.train_pairs)  # any micro-batch is padded to at most this
+    t, d = recipe.train, recipe.data
+    _, longest = micro_batch_tokens(pairs)  # any micro-batch is padded to at most this
     fitting_micro = limit // (2 * longest)
     fitting_length = limit // (2 * t.micro_batch_size)
     options = []
@@ -59,15 +69,15 @@ def check_micro_batch_memory(trainer) -> None:
     options.append(f"train.max_tokens_per_micro_batch: {tokens} if this machine has the memory")
     raise PosttrainError(f"the largest micro-batch of this run (step {step + 1}: {sequences} sequences padded to "
                          f"{length} tokens = {tokens} tokens) exceeds train.max_tokens_per_micro_batch={limit}. "
-                         f"Set {'; or '.join(options)}.")
+                         f"Set {'; or '.join(options)}.{device_memory(device)}")
 
 
-def out_of_memory_message(step: int, pairs, rows: list[Optional[int]]) -> str:
+def out_of_memory_message(step: int, pairs, rows: list[Optional[int]], device: torch.device) -> str:
     sequences, length = micro_batch_tokens(pairs)
     where = ", ".join(f"{p.source} row {p.row}" for p, i in zip(pairs, rows) if i is not None)
     return (f"step {step + 1}: out of memory in a micro-batch of {len(pairs)} pairs ({sequences} sequences padded "
             f"to {length} tokens = {sequences * length} tokens; {where or 'filler rows only'}). Lower "
             f"train.micro_batch_size (the optimiser step keeps its size; accumulation grows) or data.max_length, "
             f"and set train.max_tokens_per_micro_batch below {sequences * length} to have every micro-batch "
-            f"checked against it before training.")
+            f"checked against it before training.{device_memory(device)}")
 

@@ -166,15 +166,32 @@ def apply_lora(model, lora_cfg, inference: bool = False):
 
 class Reference:
     """Where reference log-probs come from: the policy with adapters off, a frozen copy of the
-    starting adapter, or a separate frozen model.
+    starting adapter, or a separate frozen model; the one place that makes the policy its reference.
 
-    `context(policy)` returns a context manager inside which the policy *is* the reference
-    (adapter-off or reference adapter); for a separate model it is a no-op and `model` is used.
+    `context(policy)` is a context manager inside which the peft policy *is* the reference (adapter-off
+    or reference adapter); for a separate model it is a no-op. `log_probs` scores model inputs under it.
     """
 
     def __init__(self, kind: str, model=None):
         self.kind = kind  # "adapter_off" | "reference_adapter" | "separate" | "none"
         self.model = model
+        self.scorer = None  # PolicyLogProbs of the separate model, once placed on the device
+
+    def place(self, device: torch.device) -> None:
+        """Put a separate reference model on the training device (a frozen scorer)."""
+        if self.model is not None:
+            from posttrain.core import PolicyLogProbs
+
+            self.scorer = PolicyLogProbs(self.model).to(device).eval()
+
+    def for_evaluation(self, lora: bool) -> "Reference":
+        """The reference that evaluation compares against: a loss without one still has its adapters-off
+        policy under LoRA (the model the run started from)."""
+        return Reference("adapter_off") if self.kind == "none" and lora else self
+
+    @property
+    def available(self) -> bool:
+        return self.kind != "none"
 
     @contextlib.contextmanager
     def context(self, policy):
@@ -193,6 +210,45 @@ class Reference:
                         param.requires_grad_(False)
         else:
             yield
+
+    @torch.no_grad()
+    def log_probs(self, policy_logprobs, peft_policy, input_ids, attention_mask, loss_mask, position_ids=None,
+                  temperature: float = 1.0) -> torch.Tensor:
+        """Reference log-probs of these model inputs: the separate scorer, or `policy_logprobs` (the prepared
+        PolicyLogProbs of the policy) inside the reference context of `peft_policy`."""
+        if self.scorer is not None:
+            return self.scorer(input_ids, attention_mask, loss_mask, position_ids, temperature=temperature)
+        with self.context(peft_policy):
+            return policy_logprobs(input_ids, attention_mask, loss_mask, position_ids, temperature=temperature)
+
+
+# attn_implementation -> the row layouts its kernel honours (docs/performance.md). shared prompt and packing
+# build a dense 4-D mask; flash attention and FlexAttention would need position-id packing or a block mask.
+ATTENTION_LAYOUTS = {"sdpa": {"plain", "shared", "packed"}, "eager": {"plain", "shared", "packed"},
+                     "flash_attention_2": {"plain"}, "flex_attention": {"plain"}}
+ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn"}
+
+
+def check_attention(attn_implementation: Optional[str], share_prompt: bool, packing: bool) -> None:
+    """Refuse, before any model loads, an attention kernel that is unknown, not installed, or cannot honour
+    the recipe's row layout."""
+    from posttrain.errors import RecipeError
+
+    kernel = attn_implementation or "sdpa"
+    if kernel not in ATTENTION_LAYOUTS:
+        raise RecipeError(f"model.attn_implementation {kernel!r} is not one of {', '.join(ATTENTION_LAYOUTS)}.")
+    package = ATTENTION_PACKAGES.get(kernel)
+    if package and importlib.util.find_spec(package) is None:
+        raise RecipeError(f"model.attn_implementation {kernel!r} needs the package {package!r}, which is not "
+                          f"installed (pip install {package.replace('_', '-')}), or choose sdpa.")
+    wanted = [name for name, on in (("shared", share_prompt), ("packed", packing)) if on]
+    refused = [name for name in wanted if name not in ATTENTION_LAYOUTS[kernel]]
+    if refused:
+        keys = {"shared": "train.share_prompt", "packed": "train.packing"}
+        plural = len(refused) > 1
+        raise RecipeError(f"{' and '.join(keys[n] for n in refused)} {'need' if plural else 'needs'} a custom 4-D "
+                          f"attention mask, which model.attn_implementation {kernel!r} does not take; use sdpa or "
+                          f"eager, or switch {'them' if plural else 'it'} off.")
 
 
 def load_policy_and_reference(recipe, needs_reference: bool):

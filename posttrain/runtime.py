@@ -87,7 +87,10 @@ def seed_everything(seed: int, num_threads: int | None = None, deterministic: bo
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator of this process: Python's, numpy's, torch's CPU one and, on a GPU, the
+    current device's."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def git_commit() -> str | None:

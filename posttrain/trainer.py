@@ -1,106 +1,78 @@
-"""The one trainer: offline pairs through any loss plug-in, on accelerate.
+"""The one trainer: set-up, the loop, evaluation and checkpoints around one of two steps.
 
-Per optimiser step: the step's pairs are split over processes and micro-batches; the loss plug-in
-gets global normalisers (pairs / tokens of the whole step), so the micro-batch losses add up to the
-step loss whatever the split; each micro-batch's loss is scaled by world size x accumulation steps
-because DDP and accelerate average those away. The trainer asks the loss what it needs
-(`needs_reference`) and never names a loss.
+`setup` builds the loss, models, data and optimiser, prepares them with accelerate and hands a small
+`StepContext` to the step the loss trains on: `PairStep` (offline pairs, posttrain/steps/pairs.py) or
+`GroupStep` (online groups, posttrain/steps/groups.py). `train` runs the step `plan.total_steps` times,
+with held-out evaluation, checkpoints and the recipe's callbacks in between. The trainer asks the loss
+what it needs (`needs_reference`, `data_kind`) and never names a loss.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from posttrain import checkpoint as ckpt
-from posttrain import distributed, memory, online
+from posttrain.callbacks import StepEnd, build_callbacks
+from posttrain.checkpoint_state import (TrainingState, gather_objects, gather_training_state, load_native_checkpoint,
+                                        named_trainable, native_checkpoint_meta, restore_training_state)
 from posttrain.config import Recipe, recipe_to_dict
-from posttrain.core import Normaliser, PolicyLogProbs
-from posttrain.data.layout import PairRows, build_pair_rows, shared_length
+from posttrain.core import PolicyLogProbs
+from posttrain.core.logprobs import check_against_forward
 from posttrain.data.sources import load_pairs
-from posttrain.data.tokenize import TokenizedPair
-from posttrain.errors import PosttrainError, RecipeError
-from posttrain.eval.ranking import PairScores, attention_kind, choose_layout, custom_mask_supported, model_dtype
-from posttrain.eval.training import heldout_evaluation, sharded_scores
+from posttrain.errors import ModelError, PosttrainError, RecipeError
+from posttrain.eval.entanglement import EntanglementDiagnostic, entanglement_due
+from posttrain.eval.generation import greedy_evaluation
+from posttrain.eval.ranking import choose_layout, custom_mask_supported
+from posttrain.eval.training import HeldoutRanking
 from posttrain.logs import MetricsWriter, get_logger
-from posttrain.losses import PairLossInputs, build_loss
+from posttrain.losses import build_loss
+from posttrain.memory import check_micro_batch_memory
 from posttrain.models import load_policy_and_reference, resolve_model_path
+from posttrain.plan import StepPlan, micro_batches_per_step
+from posttrain.rewards import build_reward_set
+from posttrain.rollout import EngineContext
 from posttrain.runtime import make_accelerator, rng_state, seed_everything, write_run_record
+from posttrain.samplers import build_sampler
+from posttrain.steps import online_setup
+from posttrain.steps.common import OptimiserStep, StepContext
+from posttrain.steps.groups import GroupStep
+from posttrain.steps.pairs import PairStep
+from posttrain.zero import gathered, timed, zero_stage
 
 # Recipe sections that may change between a checkpoint and its resume without --force.
 RESUME_FREE_KEYS = {"logging", "eval", "checkpoint"}
 
 
-class StepPlan:
-    """Which pairs each optimiser step trains on: a seeded permutation per epoch, cut into global
-    batches (the last batch of an epoch may be short). Every process computes the same plan, so the
-    data position of a checkpoint is just its step number."""
-
-    def __init__(self, num_pairs: int, batch_size: int, epochs: int, seed: int, shuffle: bool,
-                 max_steps: Optional[int] = None):
-        self.num_pairs, self.batch_size, self.seed, self.shuffle = num_pairs, batch_size, seed, shuffle
-        self.steps_per_epoch = math.ceil(num_pairs / batch_size)
-        self.total_steps = max_steps if max_steps is not None else self.steps_per_epoch * epochs
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
-    def indices(self, step: int) -> list[int]:
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = np.arange(self.num_pairs)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs)
-        return order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
-
-
-def shard_for_rank(indices: list[int], rank: int, world: int, micro_batch_size: int,
-                   micro_batches: int = 0) -> list[list[Optional[int]]]:
-    """This process's micro-batches of one step. Every process gets the same number of micro-batches
-    and rows; `None` rows (only in a short last step) are zero-weight fillers. With `micro_batches`,
-    a short step is padded with one-row filler micro-batches to that many: accelerate (and DeepSpeed
-    through it) counts micro-batches to decide when to update, so every step must have the same."""
-    per_rank = math.ceil(len(indices) / world) if indices else 0
-    mine: list[Optional[int]] = list(indices[rank::world])
-    mine += [None] * (per_rank - len(mine))
-    shards = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
-    return shards + [[None]] * (micro_batches - len(shards))
-
-
-def micro_batches_per_step(batch_size: int, world: int, micro_batch_size: int) -> int:
-    return math.ceil(math.ceil(batch_size / world) / micro_batch_size)
-
-
 class Trainer:
     def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None, resume: bool = False, force: bool = False):
         self.recipe = recipe
-        self.recipe_dir = Path(recipe_path).resolve().parent if recipe_path else None
-        self.resume = resume
-        self.force = force
+        self.search_dirs = [Path(recipe_path).resolve().parent] if recipe_path else []
+        self.resume, self.force = resume, force
         self.log = get_logger()
         self.output_dir = Path(recipe.run.output_dir)
+        self.is_set_up = False
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        """Load the loss, models and data and prepare them with accelerate (once; `train` calls it)."""
-        if getattr(self, "_is_set_up", False):
+        """Load the loss, models and data, prepare them with accelerate and build the step (once)."""
+        if self.is_set_up:
             return
-        self._is_set_up = True
-        r = self.recipe
+        self.is_set_up = True
+        r, t = self.recipe, self.recipe.train
         seed_everything(r.run.seed, r.run.num_threads, r.run.deterministic)
-        self.loss = build_loss(r.loss, [self.recipe_dir] if self.recipe_dir else [])
+        self.loss = build_loss(r.loss, self.search_dirs)
         self.online = self.loss.data_kind == "groups"  # sampled groups (online RL) instead of offline pairs
-        self.current_step = 0
-        self.timings: dict[str, float] = {}
-        self.accelerator = make_accelerator(1)
-        acc = self.accelerator
+        if self.online:
+            self.loss.use_estimator(r.rollout.advantage_estimator)
+        self.callbacks = build_callbacks(r.run.callbacks, self.search_dirs)
+        self.accelerator = acc = make_accelerator(1)
         self.world, self.rank = acc.num_processes, acc.process_index
         if not acc.is_main_process:
             self.log.setLevel("WARNING")  # one process reports
@@ -112,64 +84,115 @@ class Trainer:
         # All processes load together: under ZeRO-3 loading is itself collective.
         self.tokenizer, self.policy, self.reference = load_policy_and_reference(r, self.loss.needs_reference)
         self.pad_id = self.tokenizer.pad_token_id
-        self.train_pairs: list[TokenizedPair] = []
-        self.heldout_pairs: list[TokenizedPair] = []
+        logprobs = PolicyLogProbs(self.policy)
+        try:
+            with gathered(list(self.policy.parameters()), zero_stage(acc)):
+                check_against_forward(logprobs, torch.device("cpu"))
+        except ValueError as exc:
+            raise ModelError(f"model {r.model.name_or_path!r} cannot be trained by posttrain: {exc}.") from None
+        skipped = self.output_dir / "skipped_rows.jsonl" if acc.is_main_process else None
         if self.online:
-            online.setup_online(self)
-            num_items = len(self.train_examples)
+            items = self._setup_prompts(skipped)
         else:
-            self._setup_pairs()
-            num_items = len(self.train_pairs)
-        t = r.train
-        self.plan = StepPlan(num_items, t.batch_size, t.epochs, r.run.seed, t.shuffle, t.max_steps)
-        self.updates_per_step = r.rollout.updates_per_batch if self.online else 1
+            items = self._setup_pairs(skipped)
+        self.plan = StepPlan(len(items), t.batch_size, t.epochs, r.run.seed, t.shuffle, t.max_steps)
         self.n_micro = micro_batches_per_step(t.batch_size, self.world, t.micro_batch_size)
         acc.gradient_accumulation_steps = self.n_micro
-        self._preflight()
-        self.model = PolicyLogProbs(self.policy)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.online:
+            check_micro_batch_memory(r, self.train_pairs, self.plan, self.world, self.n_micro, acc.device)
+        updates = r.rollout.updates_per_batch if self.online else 1
+        params = [p for p in logprobs.parameters() if p.requires_grad]
         if t.optimizer == "adamw":
             optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                          weight_decay=t.weight_decay)
+                                          weight_decay=t.weight_decay, fused=acc.device.type == "cuda" or None)
         else:
             optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        from transformers import get_scheduler
-
         warmup = t.warmup_steps or int(round(t.warmup_ratio * self.plan.total_steps))
         name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
-        self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup * self.updates_per_step,
-                                       num_training_steps=self.plan.total_steps * self.updates_per_step)
+        self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup * updates,
+                                       num_training_steps=self.plan.total_steps * updates)
         self._configure_deepspeed()
-        self.model, self.optimizer = acc.prepare(self.model, optimizer)
-        self.ref_model = None
-        if self.reference.kind == "separate":
-            self.ref_model = PolicyLogProbs(self.reference.model).to(acc.device)
-        self.ref_cache: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+        self.model, self.optimizer = acc.prepare(logprobs, optimizer)
+        self.reference.place(acc.device)
         self._check_layout()
-        if self.loss.needs_reference and r.reference.precompute:
-            if self.online:
-                raise RecipeError("reference.precompute works on a fixed set of pairs; an online run samples new "
-                                  "completions every step. Set reference.precompute: false.")
-            self.ref_cache = self._precompute_reference()
+        self.context = StepContext(
+            accelerator=acc, model=self.model, peft_model=lambda: acc.unwrap_model(self.model).model,
+            reference=self.reference, bf16=t.bf16, pad_id=self.pad_id, micro_batch_size=t.micro_batch_size,
+            n_micro=self.n_micro, share_prompt=t.share_prompt, pack_tokens=t.pack_tokens if t.packing else None,
+            log=self.log, optimiser_step=OptimiserStep(acc, self.model, self.optimizer, self.scheduler,
+                                                       t.max_grad_norm, t.on_nonfinite))
+        self.metrics = MetricsWriter(self.output_dir, r.logging.tensorboard, acc.is_main_process, append=self.resume)
+        self.step = self._build_step()
+        self.training_state = TrainingState(acc, self.model, self.context.peft_model(), self.optimizer,
+                                            self.scheduler, self.output_dir)
         if acc.is_main_process:
             write_run_record(self.output_dir, recipe_to_dict(r), r.run.seed, self.world)
-        self.metrics = MetricsWriter(self.output_dir, r.logging.tensorboard, acc.is_main_process,
-                                     append=self.resume)
 
-    def _setup_pairs(self) -> None:
+    def _setup_pairs(self, skipped: Optional[Path]) -> list:
         """Tokenised training and held-out pairs of an offline run."""
         r = self.recipe
-        skipped = self.output_dir / "skipped_rows.jsonl" if self.accelerator.is_main_process else None
-        self.train_pairs, self.train_stats, _ = load_pairs(r.data.train, r.data, self.tokenizer, r.run.seed,
-                                                           "data.train", skipped)
+        self.train_pairs, _, _ = load_pairs(r.data.train, r.data, self.tokenizer, r.run.seed, "data.train", skipped)
+        self.heldout_pairs = []
         if r.data.heldout is not None:
             self.heldout_pairs, _, _ = load_pairs(r.data.heldout, r.data, self.tokenizer, r.run.seed, "data.heldout",
                                                   skipped)
-            if r.eval.max_pairs is not None:
-                self.heldout_pairs = self.heldout_pairs[:r.eval.max_pairs]
+            self.heldout_pairs = self.loss.prepare_pairs(self.heldout_pairs[:r.eval.max_pairs], self.tokenizer)
         self.train_pairs = self.loss.prepare_pairs(self.train_pairs, self.tokenizer)
-        if self.heldout_pairs:
-            self.heldout_pairs = self.loss.prepare_pairs(self.heldout_pairs, self.tokenizer)
+        return self.train_pairs
+
+    def _setup_prompts(self, skipped: Optional[Path]) -> list:
+        """Prompts of an online run, and their token ids."""
+        r = self.recipe
+        if not r.rewards:
+            raise RecipeError(f"loss {r.loss[0].name!r} trains on sampled groups and needs at least one reward: add "
+                              f"a `rewards:` section (for example `rewards: [{{name: math}}]`; see docs/rewards.md).")
+        self.train_examples = online_setup.load_examples(r.data.train, r.data.invalid_rows, skipped, "data.train")
+        self.heldout_examples = []
+        if r.data.heldout:
+            self.heldout_examples = online_setup.load_examples(r.data.heldout, r.data.invalid_rows, skipped,
+                                                               "data.heldout")[:r.eval.max_pairs]
+        if r.train.batch_size > len(self.train_examples):
+            raise RecipeError(f"train.batch_size={r.train.batch_size} prompts per step, but data.train has only "
+                              f"{len(self.train_examples)} prompts.")
+        tokenize = lambda examples: online_setup.tokenize_prompts(examples, self.tokenizer, r.data.template,  # noqa
+                                                                  r.data.max_prompt_length)
+        self.train_prompt_ids, self.heldout_prompt_ids = tokenize(self.train_examples), tokenize(self.heldout_examples)
+        return self.train_examples
+
+    def _build_step(self):
+        r, acc, ctx = self.recipe, self.accelerator, self.context
+        if not self.online:
+            self.evaluation = HeldoutRanking(acc, self.model, ctx.peft_model, self.reference, self.heldout_pairs,
+                                             self.pad_id, r, self.loss, self.tokenizer, self.output_dir)
+            self.entanglement = EntanglementDiagnostic(acc, self.model, (self.heldout_pairs or self.train_pairs)
+                                                       [:r.eval.entanglement_pairs], self.pad_id, r.train.bf16,
+                                                       self.metrics, self.log)
+            return PairStep(ctx, self.loss, self.train_pairs, self.plan, r.reference.precompute, r.eval.batch_size)
+        if self.loss.needs_reference and r.reference.precompute:
+            raise RecipeError("reference.precompute works on a fixed set of pairs; an online run samples new "
+                              "completions every step. Set reference.precompute: false.")
+        self.rewards = build_reward_set(r.rewards, num_workers=r.rollout.reward_workers,
+                                        timeout_s=r.rollout.reward_timeout, search_dirs=self.search_dirs)
+        component = r.sampler.success_component or r.rewards[0].name
+        if component not in self.rewards.names:
+            raise RecipeError(f"sampler.success_component {component!r} is not a reward component; the rewards give "
+                              f"{', '.join(self.rewards.names)}.")
+        sampler = build_sampler(r.sampler.name, len(self.train_examples), r.run.seed, self.search_dirs,
+                                **r.sampler.params)
+        stage = zero_stage(acc)
+        engine = online_setup.build_engine(r.rollout.engine, EngineContext(
+            policy=ctx.peft_model, tokenizer=self.tokenizer, pad_id=self.pad_id,
+            stop_ids=online_setup.stop_token_ids(self.tokenizer), rollout=r.rollout,
+            gather=lambda: timed(gathered(ctx.peft_model().parameters(), stage), ctx.timings, "time/gather_parameters"),
+            autocast=ctx.autocast,
+            current_step=lambda: self.current_step), self.search_dirs)
+        collector = lambda examples, ids, truncated, reward: online_setup.build_collector(  # noqa: E731
+            engine, self.rewards, examples, ids, self.tokenizer, component, r.sampler.success_threshold, truncated,
+            reward, self.world, self.rank)
+        self.heldout_collector = collector(self.heldout_examples, self.heldout_prompt_ids, "keep", 0.0)
+        return GroupStep(ctx, self.loss, sampler, collector(self.train_examples, self.train_prompt_ids,
+                                                            r.rollout.truncated, r.rollout.truncated_reward),
+                         r.rollout, r.train.batch_size, online_setup.sampling_params(r.rollout))
 
     def _configure_deepspeed(self) -> None:
         """Hand the recipe's batch geometry and clipping to DeepSpeed (no dataloader is prepared, so
@@ -183,34 +206,6 @@ class Trainer:
         config["gradient_accumulation_steps"] = self.n_micro
         config["train_batch_size"] = t.micro_batch_size * self.n_micro * self.world
         config["gradient_clipping"] = t.max_grad_norm if t.max_grad_norm is not None else 0.0
-
-    @property
-    def peft_model(self):
-        return self.accelerator.unwrap_model(self.model).model
-
-    # ------------------------------------------------------------------ forward passes
-    def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.recipe.train.bf16)
-
-    def _reference_logps(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
-        args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch.get("position_ids"))
-        with torch.no_grad(), self._autocast():
-            if self.ref_model is not None:
-                return self.ref_model(*args, temperature=temperature)
-            with self.reference.context(self.peft_model):
-                return self.model(*args, temperature=temperature)
-
-    def gathered_for_generation(self):
-        """Generation samples the whole model on each process: under ZeRO-3 its parameters are gathered for the
-        duration (a collective, so every process generates its share at its own pace without deadlocks);
-        elsewhere a no-op. The gathering time is logged as time/gather_parameters."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is None or plugin.zero_stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return _timed(deepspeed.zero.GatheredParameters(list(self.peft_model.parameters()), modifier_rank=None),
-                      self.timings, "time/gather_parameters")
 
     def _check_layout(self) -> None:
         """train.share_prompt and train.packing need a custom 4-D mask honoured exactly (choose_layout's test)."""
@@ -227,203 +222,68 @@ class Trainer:
                               "(model.attn_implementation), a non-empty prompt in every sequence and no sliding "
                               "window shorter than a sequence. Switch them off for this model or data.")
 
-    def _rows(self, pairs: list[TokenizedPair]) -> PairRows:
-        """The micro-batch's pairs in the recipe's row layout (posttrain.data.layout)."""
-        t = self.recipe.train
-        return build_pair_rows(pairs, self.pad_id, share_prompt=t.share_prompt,
-                               pack_tokens=t.pack_tokens if t.packing else None,
-                               attention=attention_kind(self.model), mask_dtype=model_dtype(self.model))
+    @property
+    def peft_model(self):
+        return self.context.peft_model()
 
-    def _row_length(self, pair: TokenizedPair) -> int:
-        if self.recipe.train.share_prompt:
-            return shared_length(pair)
-        return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
-
-    def _precompute_reference(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-token reference log-probs of every training pair, computed once (in the training layout, pairs
-        sorted by length, `eval.batch_size` pairs per pass) and reused every epoch."""
-        cache: list = [None] * len(self.train_pairs)
-        bs = self.recipe.eval.batch_size
-        order = sorted(range(len(self.train_pairs)), key=lambda i: self._row_length(self.train_pairs[i]))
-        bar = tqdm(range(0, len(order), bs), desc="reference log-probs", disable=not self.accelerator.is_main_process)
-        for start in bar:
-            index = order[start:start + bs]
-            rows = self._rows([self.train_pairs[i] for i in index])
-            chosen, rejected = rows.split(self._reference_logps(rows.as_batch()))
-            for j, i in enumerate(index):
-                cache[i] = (chosen[j][rows.chosen_mask[j].bool()].clone(),
-                            rejected[j][rows.rejected_mask[j].bool()].clone())
-        return cache
-
-    def _cached_reference(self, indices: list[Optional[int]], rows: PairRows,
-                          like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached reference log-probs of the micro-batch's pairs, as [B, T] chosen and rejected tensors."""
-        out = []
-        for which, mask in ((0, rows.chosen_mask), (1, rows.rejected_mask)):
-            values = torch.cat([self.ref_cache[i if i is not None else 0][which] for i in indices])
-            out.append(like.new_zeros(mask.shape).masked_scatter(mask.bool(), values.to(like.dtype)))
-        return out[0], out[1]
-
-    # ------------------------------------------------------------------ one optimiser step
-    def _normaliser(self, indices: list[int]) -> Normaliser:
-        pairs = [self.train_pairs[i] for i in indices]
-        chosen = sum(len(p.chosen_ids) for p in pairs)
-        return Normaliser(sequences=float(len(pairs)), tokens=float(chosen + sum(len(p.rejected_ids) for p in pairs)),
-                          chosen_tokens=float(chosen))
-
-    def _loss_inputs(self, indices: list[Optional[int]], rows: PairRows, normaliser: Normaliser) -> PairLossInputs:
-        """Policy (and, when the loss asks, reference) log-probs of one micro-batch, as typed loss inputs:
-        [B, T] chosen and rejected tensors whatever the row layout."""
-        batch = rows.as_batch()
-        with self._autocast():
-            logps = self.model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["position_ids"])
-        chosen, rejected = rows.split(logps)
-        ref_w = ref_l = None
-        if self.loss.needs_reference:
-            if self.ref_cache is not None:
-                ref_w, ref_l = self._cached_reference(indices, rows, logps)
-            else:
-                ref_w, ref_l = rows.split(self._reference_logps(batch).to(logps.dtype))
-        dtype = logps.dtype
-        weight = torch.tensor([0.0 if i is None else 1.0 for i in indices], dtype=dtype)
-        tw_w = rows.chosen_weights.to(dtype) if rows.chosen_weights is not None else None
-        tw_l = rows.rejected_weights.to(dtype) if rows.rejected_weights is not None else None
-        return PairLossInputs(chosen_logps=chosen, rejected_logps=rejected, chosen_mask=rows.chosen_mask.to(dtype),
-                              rejected_mask=rows.rejected_mask.to(dtype), normaliser=normaliser, pair_weight=weight,
-                              ref_chosen_logps=ref_w, ref_rejected_logps=ref_l, chosen_token_weights=tw_w,
-                              rejected_token_weights=tw_l)
-
+    # ------------------------------------------------------------------ one step, evaluation
     def train_step(self, step: int) -> dict:
-        """One step: offline, forward/backward over this process's micro-batches of pairs, then one update; online,
-        a rollout batch and its updates (posttrain.online). Returns the step's metrics, reduced over processes."""
+        """One optimiser step (offline) or one rollout batch and its updates (online); the step's metrics, reduced
+        over processes. The recipe's callbacks see it (`on_step_end`)."""
         self.current_step = step
-        return online.online_step(self, step) if self.online else self._pairs_step(step)
-
-    def _pairs_step(self, step: int) -> dict:
-        acc = self.accelerator
-        indices = self.plan.indices(step)
-        normaliser = self._normaliser(indices)
-        scale = self.world * self.n_micro
-        loss_sum, weight_sum, tokens = 0.0, 0.0, 0
-        metric_sums: dict[str, float] = {}  # per-pair metrics, weighted by pair_weight
-        part_sums: dict[str, float] = {}  # globally normalised loss components
-        for rows in shard_for_rank(indices, self.rank, self.world, self.recipe.train.micro_batch_size, self.n_micro):
-            pairs = [self.train_pairs[i if i is not None else 0] for i in rows]
-            batch = self._rows(pairs)
-            tokens += sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
-                          for p, i in zip(pairs, rows) if i is not None)
-            with acc.accumulate(self.model), self._reporting_out_of_memory(step, rows, pairs):
-                inputs = self._loss_inputs(rows, batch, normaliser)
-                out = self.loss(inputs)
-                acc.backward(out.loss * scale)
-            weight = inputs.pair_weight.double()
-            loss_sum += out.loss.item()
-            weight_sum += weight.sum().item()
-            for name, value in out.metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + (value.double() * weight).sum().item()
-            for name, value in out.parts.items():
-                part_sums[name] = part_sums.get(name, 0.0) + value.item()
-        names, parts = sorted(metric_sums), sorted(part_sums)
-        local = torch.tensor([loss_sum, weight_sum, float(tokens)] + [metric_sums[n] for n in names]
-                             + [part_sums[n] for n in parts], dtype=torch.float64)
-        total = acc.reduce(local.to(acc.device), reduction="sum").cpu() if self.world > 1 else local
-        record = {"loss": total[0].item(), "num_tokens": total[2].item()}
-        for k, name in enumerate(names):
-            record[name] = total[3 + k].item() / max(total[1].item(), 1e-12)
-        for k, name in enumerate(parts):
-            record[name] = total[3 + len(names) + k].item()
-        where = ", ".join(f"{self.train_pairs[i].source} row {self.train_pairs[i].row}" for i in indices[:4])
-        record.update(self._finish_update(record["loss"], f"batch of {len(indices)} pairs: {where}"
-                                                          f"{', ...' if len(indices) > 4 else ''}"))
+        record = self.step.run(step)
+        if self.callbacks:
+            event = StepEnd(step + 1, record, self.rank, self.world, getattr(self.step, "last_rows", None),
+                            named_trainable(self.peft_model),
+                            lambda: gathered([p for _, p in named_trainable(self.peft_model)], zero_stage(self.accelerator)))
+            for callback in self.callbacks:
+                callback.on_step_end(event)
         return record
 
-    def _finish_update(self, loss: float, where: str) -> dict:
-        """Clip, then take the optimiser and scheduler step, unless the loss or the gradient norm is not finite
-        (then stop or skip, per train.on_nonfinite). Returns grad_norm, learning_rate (and skipped)."""
-        grad_norm = self._clip_gradients()
-        record = {"grad_norm": grad_norm, "learning_rate": self.scheduler.get_last_lr()[0]}
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # Every process sees the same reduced loss and global norm, so all decide alike.
-            message = f"step {self.current_step + 1}: the loss is {loss} and the gradient norm {grad_norm} ({where})."
-            if self.recipe.train.on_nonfinite == "stop":
-                raise PosttrainError(message + " Stopping: lower train.lr, check those rows, or set "
-                                               "train.on_nonfinite: skip to skip such steps.")
-            if distributed.zero_stage(self.accelerator) is not None:
-                raise PosttrainError(message + " Stopping although train.on_nonfinite is skip: under DeepSpeed "
-                                               "the engine applies the update inside the last backward pass, so "
-                                               "this step cannot be skipped. Lower train.lr or check those rows, "
-                                               "and resume from the last checkpoint.")
-            self.log.warning("%s Skipping the update (train.on_nonfinite: skip).", message)
-            self.optimizer.zero_grad(set_to_none=True)
-            record["skipped"] = 1.0
-            return record
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return record
-
-    def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.recipe.train.max_grad_norm
-        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        return float(norm) if norm is not None else float("nan")
-
-    # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Optional[dict]:
-        """Offline: held-out ranking accuracy and the rest of spec section 11 (R~, R*, alignment gap, difficulty,
-        implicit-reward accuracy, length split), each process scoring an equal shard; the latest report
-        goes to <output_dir>/eval/ (posttrain.eval.training). Online: greedy pass@1 on the held-out prompts."""
-        return online.greedy_evaluation(self) if self.online else heldout_evaluation(self)
+        """Offline: held-out ranking accuracy and the rest of spec section 11 (posttrain.eval.training). Online:
+        greedy pass@1 on the held-out prompts (posttrain.eval.generation)."""
+        step = int(getattr(self.scheduler, "last_epoch", 0)) if not self.online else self.current_step
+        if self.online:
+            return greedy_evaluation(self.heldout_collector, self.heldout_examples,
+                                     online_setup.sampling_params(self.recipe.rollout, greedy=True), self.output_dir,
+                                     step, self.accelerator.is_main_process and self.recipe.eval.report)
+        return self.evaluation(step)
+
+    def score(self, pairs: list):
+        """Summed log-probs of both responses of every pair under the current policy (each process an equal shard)."""
+        return self.evaluation.scores_of(pairs)
 
     def has_heldout(self) -> bool:
         return bool(self.heldout_examples if self.online else self.heldout_pairs)
 
-    def score(self, pairs: list[TokenizedPair]) -> PairScores:
-        """Summed log-probs of both responses of every pair under the current policy, each process
-        scoring an equal shard."""
-        return sharded_scores(self, pairs, self.model, choose_layout(self.model, pairs, self.recipe.eval.layout))
-
     # ------------------------------------------------------------------ checkpoints
-    def _trainer_state(self, step: int, history: dict) -> dict:
-        state = {"step": step, "epoch": self.plan.epoch_of(step), "data_position": step,
-                 "recipe": recipe_to_dict(self.recipe), "world_size": self.world, "history": history}
-        if self.online:
-            state["sampler"] = self.sampler.state_dict()
-        return state
-
-    def _gathered_trainable(self):
-        """Under ZeRO-3 each process holds a shard of every parameter: gather the trainable ones (on
-        every process, a collective) so that one process can write them whole."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is None or plugin.zero_stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
     def save(self, step: int, history: dict, final: bool = False) -> None:
         """Checkpoint `step` (and `final/`), the same whatever the number of processes: every process
         takes part in gathering the trainable parameters and optimiser state, one writes them. Full
         fine-tuning under DeepSpeed instead writes DeepSpeed's own partitions, one per process."""
-        acc = self.accelerator
-        native = distributed.zero_stage(acc) is not None and not self.recipe.lora.enabled
+        acc, state = self.accelerator, self.training_state
+        native = zero_stage(acc) is not None and not self.recipe.lora.enabled
         acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.prepare_staging(self.output_dir, step)
         acc.wait_for_everyone()
         if native:
             self.model.save_checkpoint(str(ckpt.staging_dir(self.output_dir, step) / "deepspeed"), tag="engine")
-            training_state = ({}, distributed.native_checkpoint_meta(self))
+            training_state = ({}, native_checkpoint_meta(state))
         else:
-            training_state = distributed.gather_training_state(self, with_parameters=self.recipe.lora.enabled)
-        rngs = distributed.gather_objects(self, rng_state())
+            training_state = gather_training_state(state, with_parameters=self.recipe.lora.enabled)
+        rngs = gather_objects(self.world, rng_state())
+        trainer_state = {"step": step, "epoch": self.plan.epoch_of(step), "data_position": step,
+                         "recipe": recipe_to_dict(self.recipe), "world_size": self.world, "history": history}
+        if self.online:
+            trainer_state["sampler"] = self.step.sampler.state_dict()
         acc.wait_for_everyone()
-        with self._gathered_trainable():
+        with gathered([p for _, p in named_trainable(self.peft_model)], zero_stage(acc)):
             if acc.is_main_process:
                 ckpt.save_checkpoint(self.output_dir, step, None if native else self.peft_model, training_state,
-                                     self.scheduler, rngs, self._trainer_state(step, history),
-                                     self.recipe.checkpoint.keep_last)
+                                     self.scheduler, rngs, trainer_state, self.recipe.checkpoint.keep_last,
+                                     self.callbacks)
                 if final:
                     ckpt.save_final(self.peft_model, self.tokenizer, self.output_dir)
         acc.wait_for_everyone()
@@ -442,38 +302,24 @@ class Trainer:
                                  f"{', '.join(differences)}. Restore those values, or pass --force to resume anyway.")
         tensors, meta, state = ckpt.read_checkpoint(path, self.scheduler, self.rank)
         if meta.get("deepspeed_native"):
-            distributed.load_native_checkpoint(self, path, meta)
+            load_native_checkpoint(self.training_state, path, meta)
         else:
-            distributed.restore_training_state(self, tensors, meta)
+            restore_training_state(self.training_state, tensors, meta)
         if self.online:
-            self.sampler.load_state_dict(state["sampler"])
+            self.step.sampler.load_state_dict(state["sampler"])
         self.log.info("resumed from %s (step %d, written by %d process%s)", path, state["step"],
                       state.get("world_size", 1), "es" if state.get("world_size", 1) > 1 else "")
         self.metrics.truncate_after(state["step"])
         return state["step"], state.get("history", {})
 
-    def _preflight(self) -> None:
-        """Checks and test probes that run once, before the model is prepared and anything is written
-        (posttrain.memory, posttrain.distributed)."""
-        memory.check_micro_batch_memory(self)
-        distributed.install_step_probe(self)
-
-    @contextlib.contextmanager
-    def _reporting_out_of_memory(self, step: int, rows: list[Optional[int]], pairs: list[TokenizedPair]):
-        """An out-of-memory error in a micro-batch, reported with that batch's size and rows."""
-        try:
-            yield
-        except torch.OutOfMemoryError:
-            raise PosttrainError(memory.out_of_memory_message(step, pairs, rows)) from None
-
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         self.setup()
-        acc = self.accelerator
-        r = self.recipe
+        acc, r = self.accelerator, self.recipe
         start, history = self._try_resume() if self.resume else (0, {})
         headline = "pass@1" if self.online else "ranking_accuracy"
         heldout_size = f"{len(self.heldout_examples)} prompts" if self.online else f"{len(self.heldout_pairs)} pairs"
+        self.current_step = start
         if start == 0 and r.eval.at_start and self.has_heldout():
             history["heldout_before"] = self.evaluate()
             self.metrics.write(0, history["heldout_before"], prefix="eval")
@@ -485,9 +331,9 @@ class Trainer:
         started = time.time()
         for step in range(start, self.plan.total_steps):
             t0 = time.time()
-            self.timings: dict[str, float] = {}
+            self.context.timings.clear()
             record = self.train_step(step)
-            record.update(self.timings)
+            record.update(self.context.timings)
             elapsed = time.time() - t0
             record["tokens_per_second"] = record.pop("num_tokens") / max(elapsed, 1e-9)
             record["epoch"] = (step + 1) / self.plan.steps_per_epoch
@@ -496,18 +342,14 @@ class Trainer:
             if done % r.logging.every == 0 or done == self.plan.total_steps:
                 self.metrics.write(done, record)
             bar.update(1)
-            if self.online:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", reward=f"{record.get('reward/mean', float('nan')):.3f}")
-            else:
-                bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                acc=f"{record.get('rewards/accuracies', float('nan')):.2f}")
+            shown = ("reward", record.get("reward/mean", float("nan"))) if self.online else \
+                ("acc", record.get("rewards/accuracies", float("nan")))
+            bar.set_postfix(loss=f"{record['loss']:.4f}", **{shown[0]: f"{shown[1]:.3f}"})
+            self.current_step = done
             if r.eval.every and done % r.eval.every == 0 and done != self.plan.total_steps and self.has_heldout():
-                self.current_step = done
                 self.metrics.write(done, self.evaluate(), prefix="eval")
-            from posttrain.eval.entanglement import entanglement_due, log_entanglement
-
             if not self.online and entanglement_due(r.eval, done):  # spec section 12, on preference pairs
-                log_entanglement(self, done)
+                self.entanglement(done)
             if r.checkpoint.every and done % r.checkpoint.every == 0 and done != self.plan.total_steps:
                 self.save(done, history)
         bar.close()
@@ -552,12 +394,3 @@ def _recipe_differences(saved: dict, current: dict, prefix: str = "") -> list[st
         elif a != b:
             keys.append(path)
     return keys
-
-
-@contextlib.contextmanager
-def _timed(context, timings: dict, name: str):
-    """Enter `context`, adding the seconds its entry took to timings[name]."""
-    t0 = time.time()
-    with context:
-        timings[name] = timings.get(name, 0.0) + time.time() - t0
-        yield

@@ -6,12 +6,12 @@ import copy
 import json
 from pathlib import Path
 
-from posttrain.config import load_recipe
+from posttrain.recipe import load_recipe
 
 
 def tiny_recipe(model_dir: Path, output_dir: Path, **sections) -> dict:
     raw = {
-        "run": {"output_dir": str(output_dir), "seed": 0, "num_threads": 1},
+        "run": {"output_dir": str(output_dir), "seed": 0, "num_threads": 1, "callbacks": ["tests.callbacks:EnvProbes"]},
         "model": {"name_or_path": str(model_dir), "attn_implementation": "sdpa"},
         "lora": {"enabled": True, "r": 8, "alpha": 16, "target_modules": "all-linear"},
         "data": {"train": {"builtin": "tiny", "split": "train", "num_rows": 256},

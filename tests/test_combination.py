@@ -1,11 +1,11 @@
-"""Several losses in one recipe: a weighted sum, each term with its own normaliser and logged part."""
+"""Several losses in one recipe: a weighted sum, each term aggregated at its own level and logged as a part."""
 
 from __future__ import annotations
 
 import torch
 
 from posttrain.config import LossTerm
-from posttrain.core import Normaliser
+from posttrain.core import StepCounts
 from posttrain.losses import CombinedLoss, PairLossInputs, build_loss
 
 
@@ -17,17 +17,17 @@ def _inputs():
     mask_r = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=d)
     chosen, rejected = (chosen * mask_c).requires_grad_(), (rejected * mask_r).requires_grad_()
     ref_c, ref_r = -torch.rand(3, 5, dtype=d, generator=g) * mask_c, -torch.rand(3, 5, dtype=d, generator=g) * mask_r
-    normaliser = Normaliser(3, float(mask_c.sum() + mask_r.sum()), float(mask_c.sum()))
-    return PairLossInputs(chosen, rejected, mask_c, mask_r, normaliser, torch.ones(3, dtype=d), ref_c, ref_r)
+    counts = StepCounts(examples=3, tokens=float(mask_c.sum()))  # tokens: the chosen responses'
+    return PairLossInputs(chosen, rejected, mask_c, mask_r, torch.ones(3, dtype=d), ref_c, ref_r), counts
 
 
 def test_weighted_sum_of_terms_with_parts_logged():
     combined = build_loss([LossTerm("dpo", 1.0, {"beta": 0.2}), LossTerm("sft", 0.5)])
     assert isinstance(combined, CombinedLoss) and combined.needs_reference
-    inputs = _inputs()
-    out = combined(inputs)
-    dpo = build_loss([LossTerm("dpo", 1.0, {"beta": 0.2})])(inputs).loss
-    sft = build_loss([LossTerm("sft")])(inputs).loss
+    inputs, counts = _inputs()
+    out = combined.step_loss(inputs, counts)
+    dpo = build_loss([LossTerm("dpo", 1.0, {"beta": 0.2})]).step_loss(inputs, counts).loss
+    sft = build_loss([LossTerm("sft")]).step_loss(inputs, counts).loss
     assert abs(out.loss.item() - (dpo.item() + 0.5 * sft.item())) < 1e-12
     assert abs(out.parts["loss/sft"].item() - sft.item()) < 1e-12
     assert "rewards/margins" in out.metrics and "nll/chosen" in out.metrics

@@ -49,16 +49,17 @@ def test_the_documented_loss_equals_dpo_at_gamma_one():
     namespace: dict = {}
     exec(compile(_doc_blocks("python")[0], "gamma_dpo.py", "exec"), namespace)
     from posttrain.config import LossTerm
-    from posttrain.core import Normaliser
+    from posttrain.core import StepCounts
     from posttrain.losses import PairLossInputs, build_loss
 
     d = torch.float64
     inputs = PairLossInputs(torch.tensor([[-2, -3, -5.]], dtype=d), torch.tensor([[-4, -4, -4.]], dtype=d),
-                            torch.ones(1, 3, dtype=d), torch.ones(1, 3, dtype=d), Normaliser(1, 6, 3),
-                            torch.ones(1, dtype=d), torch.tensor([[-2.5, -3.5, -5]], dtype=d),
-                            torch.tensor([[-4, -3.5, -4]], dtype=d))
-    gamma_one = namespace["GammaScaledDPO"](namespace["GammaScaledDPO"].Params(beta=0.1, gamma=1.0))(inputs).loss
-    dpo = build_loss([LossTerm("dpo", params={"beta": 0.1})])(inputs).loss
+                            torch.ones(1, 3, dtype=d), torch.ones(1, 3, dtype=d), torch.ones(1, dtype=d),
+                            torch.tensor([[-2.5, -3.5, -5]], dtype=d), torch.tensor([[-4, -3.5, -4]], dtype=d))
+    counts = StepCounts(examples=1, tokens=3)
+    gamma_dpo = namespace["GammaScaledDPO"]
+    gamma_one = gamma_dpo(gamma_dpo.Params(beta=0.1, gamma=1.0)).step_loss(inputs, counts).loss
+    dpo = build_loss([LossTerm("dpo", params={"beta": 0.1})]).step_loss(inputs, counts).loss
     assert abs(gamma_one.item() - 0.6209570477895321) < 1e-12 and abs(dpo.item() - gamma_one.item()) < 1e-12
-    gamma_zero = namespace["GammaScaledDPO"](namespace["GammaScaledDPO"].Params(beta=0.1, gamma=0.0))(inputs).loss
+    gamma_zero = gamma_dpo(gamma_dpo.Params(beta=0.1, gamma=0.0)).step_loss(inputs, counts).loss
     assert abs(gamma_zero.item() - (-torch.nn.functional.logsigmoid(torch.tensor(0.2, dtype=d))).item()) < 1e-12

@@ -13,7 +13,7 @@ import torch
 
 from conftest import SHARED_DATA
 from posttrain.config import DataConfig, DataSource
-from posttrain.data.collate import collate_pairs
+from posttrain.data.layout import build_pair_rows
 from posttrain.data.readers import HH_SPLIT, PreferenceRow, handle_invalid, load_preference_rows
 from posttrain.data.sources import load_pairs
 from posttrain.data.tasks import builtin_rows, wrong_sum
@@ -619,37 +619,26 @@ def test_tiny_task_heldout_prompts_disjoint():
         assert row.chosen == str((last + 1) % 10) and row.rejected == str((last + 5) % 10)
 
 
-# ---------------------------------------------------------------------------------------------- collation
-def test_collate_pairs_layout_and_masks():
+# ---------------------------------------------------------------------------------------------- plain rows
+def test_plain_pair_rows_layout_and_masks():
     pairs = [TokenizedPair([11, 12, 13], [21, 22], [31]),
              TokenizedPair([14], [23, 24, 25, 26], [32, 33])]
-    batch = collate_pairs(pairs, pad_id=0)
+    batch = build_pair_rows(pairs, pad_id=0).as_batch()
     expected_ids = [[11, 12, 13, 21, 22], [14, 23, 24, 25, 26],  # chosen rows first
                     [11, 12, 13, 31, 0], [14, 32, 33, 0, 0]]  # then rejected, right padding
     assert batch["input_ids"].tolist() == expected_ids
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
     assert batch["loss_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 1, 0], [0, 1, 1, 0, 0]]
-    assert batch["pair_weight"].tolist() == [1.0, 1.0] and batch["pair_weight"].dtype == torch.float32
-    assert batch["num_pairs"] == 2
     for key in ("input_ids", "attention_mask", "loss_mask"):
         assert batch[key].dtype == torch.long
-
-
-def test_collate_pairs_weights_and_errors():
-    pairs = [TokenizedPair([1], [2], [3]), TokenizedPair([1], [2], [4])]
-    weight = collate_pairs(pairs, pad_id=9, weights=[1, 0])["pair_weight"]
-    assert weight.dtype == torch.float32 and weight.tolist() == [1.0, 0.0]
-    assert collate_pairs(pairs, pad_id=9, weights=[0.5, 2.0])["pair_weight"].tolist() == [0.5, 2.0]
-    with pytest.raises(ValueError, match="weights"):
-        collate_pairs(pairs, pad_id=9, weights=[1.0])
     with pytest.raises(ValueError, match="no pairs"):
-        collate_pairs([], pad_id=9)
+        build_pair_rows([], pad_id=9)
 
 
-def test_collate_real_pairs_loss_mask_covers_completion_tokens(tokenizer):
+def test_plain_rows_of_real_pairs_loss_mask_covers_completion_tokens(tokenizer):
     pairs, _, _ = tokenize_pairs(TOKENIZE_ROWS, tokenizer, "chat", max_length=512)
     pad = tokenizer.pad_token_id
-    batch = collate_pairs(pairs, pad)
+    batch = build_pair_rows(pairs, pad).as_batch()
     n = len(pairs)
     for i, pair in enumerate(pairs):
         for j, completion in ((i, pair.chosen_ids), (n + i, pair.rejected_ids)):

@@ -7,13 +7,15 @@ reads the reference sums from the batch. Both sides get identical per-token log-
 They have to be injected because TRL's fused LM head computes the log-softmax in float32 even for a
 float64 model, so its own values agree with a float64 forward only to about 1e-7. The test checks
 that agreement too, which shows that both sides score the same tokens at the same positions. The
-comparison covers the loss and its gradient w.r.t. the per-token log-probs (rtol 1e-9) and TRL's
-logged metrics (rewards, margins, accuracies, summed log-probs). The file also checks the spec's worked example.
+comparison covers the loss and its gradient w.r.t. the per-token log-probs (rtol 1e-9; posttrain's
+obtained as the trainer does, through `backward_through_coefficients`) and TRL's logged metrics (rewards,
+margins, accuracies, summed log-probs). The file also checks the spec's worked example.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_model
 from posttrain.config import LossTerm
-from posttrain.core import Normaliser, PolicyLogProbs
+from posttrain.core import PolicyLogProbs, StepCounts, backward_through_coefficients
 from posttrain.losses import PairLossInputs, build_loss
 
 RTOL = 1e-9
@@ -48,9 +50,26 @@ def _pair_inputs(chosen, rejected, chosen_mask, rejected_mask, ref_chosen, ref_r
     b = chosen.shape[0]
     return PairLossInputs(
         chosen_logps=chosen, rejected_logps=rejected, chosen_mask=chosen_mask, rejected_mask=rejected_mask,
-        normaliser=Normaliser(sequences=b, tokens=float(chosen_mask.sum() + rejected_mask.sum()),
-                              chosen_tokens=float(chosen_mask.sum())),
         pair_weight=torch.ones(b, dtype=chosen.dtype), ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+
+
+def _counts(inputs: PairLossInputs) -> StepCounts:
+    """The step is this one micro-batch: its pairs, and its chosen tokens."""
+    return StepCounts(examples=float(inputs.pair_weight.sum()), tokens=float(inputs.chosen_mask.sum()))
+
+
+def _step_loss(plugin, inputs: PairLossInputs):
+    return plugin.step_loss(inputs, _counts(inputs))
+
+
+def _through_coefficients(plugin, inputs: PairLossInputs):
+    """The trainer's gradient path: coefficients c = -dL/dlp on detached log-probs, then `-sum c lp` backpropagated
+    into `inputs.chosen_logps` / `inputs.rejected_logps` (leaves here). Returns the (detached) step loss."""
+    out, _ = backward_through_coefficients(
+        lambda leaves: plugin.step_loss(replace(inputs, **leaves), _counts(inputs)),
+        {"chosen_logps": inputs.chosen_logps, "rejected_logps": inputs.rejected_logps},
+        lambda surrogate: surrogate.backward())
+    return out
 
 
 def _sum_on_first_token(sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -148,9 +167,9 @@ def test_dpo_loss_and_metrics_equal_trl_dpo_trainer(trl_trainer):
     # posttrain on the same per-token values; the reference sums sit on the first completion token.
     chosen_mask, rejected_mask = mask[:n_pairs], mask[n_pairs:]
     chosen_leaf, rejected_leaf = (x.clone().requires_grad_(True) for x in (ours[:n_pairs], ours[n_pairs:]))
-    out = _dpo(loss_type)(_pair_inputs(chosen_leaf, rejected_leaf, chosen_mask, rejected_mask,
-                                       _sum_on_first_token(ref_chosen, chosen_mask),
-                                       _sum_on_first_token(ref_rejected, rejected_mask)))
+    out = _through_coefficients(_dpo(loss_type), _pair_inputs(chosen_leaf, rejected_leaf, chosen_mask, rejected_mask,
+                                                              _sum_on_first_token(ref_chosen, chosen_mask),
+                                                              _sum_on_first_token(ref_rejected, rejected_mask)))
 
     assert out.loss.dtype == torch.float64
     assert math.isclose(out.loss.item(), trl_loss.item(), rel_tol=RTOL, abs_tol=0.0), (out.loss.item(),
@@ -160,11 +179,10 @@ def test_dpo_loss_and_metrics_equal_trl_dpo_trainer(trl_trainer):
         assert math.isclose(ours_mean, trl_metrics[name], rel_tol=RTOL, abs_tol=0.0), (name, ours_mean,
                                                                                         trl_metrics[name])
 
-    # Same gradient w.r.t. every completion token's log-prob (posttrain's comes from the unified-core surrogate,
-    # not from autograd of the loss value). TRL sums whole rows, so only the completion positions are comparable;
-    # its fused head has no gradient elsewhere. posttrain's is zero there.
+    # Same gradient w.r.t. every completion token's log-prob (posttrain's comes from the unified-core surrogate
+    # -sum c lp above, not from autograd of the loss value). TRL sums whole rows, so only the completion positions
+    # are comparable; its fused head has no gradient elsewhere. posttrain's is zero there.
     trl_loss.backward()
-    out.loss.backward()
     ours_grad = torch.cat([chosen_leaf.grad, rejected_leaf.grad])
     assert (ours_grad[mask == 0] == 0).all() and (ours_grad[mask == 1] != 0).all()
     torch.testing.assert_close(ours_grad, trl_leaf.grad * mask, rtol=RTOL, atol=0.0)
@@ -200,7 +218,7 @@ def _worked_inputs(rows=1):
     ({"loss_type": "ipo"}, 20.25),
 ])
 def test_spec_worked_example(params, expected):
-    out = _dpo(**params)(_worked_inputs())
+    out = _step_loss(_dpo(**params), _worked_inputs())
     assert math.isclose(out.loss.item(), expected, rel_tol=RTOL)
     assert math.isclose(out.metrics["rewards/chosen"].item(), 0.1, rel_tol=RTOL)
     assert math.isclose(out.metrics["rewards/rejected"].item(), -0.05, rel_tol=RTOL)
@@ -213,7 +231,7 @@ def test_spec_worked_example_batch_mean():
     # Second pair: h = -2.0, obtained by lowering the policy's chosen log-prob by 3.5 on one token.
     inputs = _worked_inputs(rows=2)
     inputs.chosen_logps[1, 0] -= 3.5
-    out = _dpo("sigmoid")(inputs)
+    out = _step_loss(_dpo("sigmoid"), inputs)
     torch.testing.assert_close(out.metrics["rewards/margins"], torch.tensor([0.15, -0.2], dtype=torch.float64),
                                rtol=RTOL, atol=1e-15)
     assert math.isclose(out.loss.item(), 0.709547958585562, rel_tol=RTOL)

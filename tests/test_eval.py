@@ -20,7 +20,7 @@ from posttrain.cli import main
 from posttrain.core import PolicyLogProbs
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.errors import RecipeError
-from posttrain.eval.entanglement import entanglement_metrics, gradient_entanglement, log_entanglement
+from posttrain.eval.entanglement import EntanglementDiagnostic, entanglement_metrics, gradient_entanglement
 from posttrain.eval.metrics import bootstrap_ci, idealised_correct, ranking_metrics
 from posttrain.eval.ranking import batches, score_pairs
 from posttrain.eval.report import plot_difficulty, plot_ranking_vs_beta, plot_training_curve
@@ -379,7 +379,7 @@ def test_pandalm_votes_give_alpha_and_majority_ties_are_excluded(tiny_model_dir,
 
 
 def test_eval_recipe_fields_are_validated():
-    from posttrain.config import load_recipe
+    from posttrain.recipe import load_recipe
 
     assert load_recipe(raw={}).eval.betas == BETAS
     with pytest.raises(RecipeError, match="eval.betas"):
@@ -447,10 +447,10 @@ def _direct_logp_grad(model, prompt, completion) -> torch.Tensor:
 def test_entanglement_is_switched_off_under_zero3_with_a_message(caplog):
     plugin = SimpleNamespace(zero_stage=3)
     log = logging.getLogger("posttrain.test-zero3")
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin),
-                                                          is_main_process=True), log=log)
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), is_main_process=True)
+    diagnostic = EntanglementDiagnostic(accelerator, None, [], 2, False, None, log)
     with caplog.at_level(logging.WARNING, logger="posttrain.test-zero3"):
-        assert log_entanglement(trainer, 4) is None
-        assert log_entanglement(trainer, 8) is None
+        assert diagnostic(4) is None
+        assert diagnostic(8) is None
     messages = [r.getMessage() for r in caplog.records if "ZeRO-3" in r.getMessage()]
     assert len(messages) == 1  # said once

@@ -1,11 +1,15 @@
 """Group (online RL) loss plug-ins: GRPO (+ DAPO / Dr. GRPO / BNPO), GTPO, COPO. All in float64.
 
 - each loss equals its spec worked example (spec sections 6, 7, 8) to rtol 1e-9;
-- the unified-core gradient equals autograd of the paper formula to 1e-9 (clipping active, KL on);
+- the step loss (`plugin.step_loss(inputs, counts)`, globally normalised) and its autograd equal the paper
+  formula and its gradient to 1e-9 (clipping active, KL on);
+- the unified core's gradient (`backward_through_coefficients`: c = -dL/dlp, then -sum c lp backpropagated)
+  equals autograd of the step loss to 1e-9 for every registered group loss;
 - GRPO equals TRL 1.16's `GRPOTrainer._compute_loss` (a real trainer on a tiny model, per-token
   log-probs injected) for loss types grpo, bnpo, dr_grpo, dapo, in value and gradient;
 - with one update per rollout batch the ratio is exactly 1 and clipping never triggers;
-- global normalisation: the micro-batch shares add up to the full-batch loss and gradient.
+- global normalisation: the micro-batch shares add up to the full-batch loss and gradient;
+- the advantage estimators (leave_one_out by hand, group_mean_std = TRL's group normalisation).
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ import pytest
 import torch
 
 from posttrain.config import LossTerm
-from posttrain.core import Normaliser
+from posttrain.core import StepCounts, backward_through_coefficients
 from posttrain.errors import RecipeError
-from posttrain.losses import build_loss
+from posttrain.losses import ADVANTAGE_ESTIMATORS, build_loss
 from posttrain.losses.group import (GroupLossInputs, RolloutBatch, group_normalised_advantages, group_std,
                                     ppo_clip)
 from posttrain.losses.gtpo import conflict_weights
@@ -45,13 +49,22 @@ def pad(rows, width):
     return values, mask
 
 
-def inputs_for(logps, mask, advantages, old=None, ref=None, group_index=None, weight=None, normaliser=None):
+def inputs_for(logps, mask, advantages, old=None, ref=None, group_index=None, weight=None):
     n = logps.shape[0]
     weight = torch.ones(n, dtype=DT) if weight is None else weight
-    if normaliser is None:
-        normaliser = Normaliser(sequences=float(weight.sum()), tokens=float((mask * weight[:, None]).sum()))
-    return GroupLossInputs(logps=logps, mask=mask, advantages=advantages, normaliser=normaliser,
-                           completion_weight=weight, old_logps=old, ref_logps=ref, group_index=group_index)
+    return GroupLossInputs(logps=logps, mask=mask, advantages=advantages, completion_weight=weight, old_logps=old,
+                           ref_logps=ref, group_index=group_index)
+
+
+def counts_of(inputs: GroupLossInputs) -> StepCounts:
+    """The step's counts when the micro-batch is the whole step: its real completions and their tokens."""
+    weight = inputs.completion_weight
+    return StepCounts(examples=float(weight.sum()), tokens=float((inputs.mask * weight[:, None]).sum()))
+
+
+def step_loss(plugin, inputs: GroupLossInputs, counts: StepCounts | None = None):
+    """The micro-batch's share of the step loss (a StepLoss), by default with the micro-batch as the step."""
+    return plugin.step_loss(inputs, counts_of(inputs) if counts is None else counts)
 
 
 def grad_of(fn, logps):
@@ -90,7 +103,7 @@ def test_grpo_advantages_spec():
 def test_grpo_spec_values(loss_type, params, expected):
     plugin = loss("grpo", beta=0.04, loss_type=loss_type, use_bias_correction_kl=False, **params)
     adv = plugin.compute_advantages(RolloutBatch(SPEC_REWARDS, ONE_GROUP))
-    out = plugin(inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, adv, SPEC_OLD, SPEC_REF))
+    out = step_loss(plugin, inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, adv, SPEC_OLD, SPEC_REF))
     close(out.loss, expected, rtol=1e-8)  # the spec prints 10 decimals
     # the full-precision values of the spec's script (Appendix B)
     full = {"grpo": -0.016927945990148685, "bnpo": -0.008955888827459874, "dapo": -0.008955888827459874,
@@ -101,10 +114,10 @@ def test_grpo_spec_values(loss_type, params, expected):
 def test_grpo_spec_bias_corrected_kl_and_dapo_clip_higher():
     plugin = loss("grpo", beta=0.04, loss_type="grpo")  # TRL 1.16 default use_bias_correction_kl=True
     adv = plugin.compute_advantages(RolloutBatch(SPEC_REWARDS, ONE_GROUP))
-    out = plugin(inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, adv, SPEC_OLD, SPEC_REF))
+    out = step_loss(plugin, inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, adv, SPEC_OLD, SPEC_REF))
     close(out.loss, -0.0169272995, rtol=1e-8)
     dapo = loss("grpo", beta=0.0, epsilon_high=0.28)  # defaults: loss_type dapo
-    out = dapo(inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, adv, SPEC_OLD))
+    out = step_loss(dapo, inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, adv, SPEC_OLD))
     close(out.loss, -0.01772535323099167)
     assert not dapo.needs_reference and plugin.needs_reference
 
@@ -113,7 +126,7 @@ def test_grpo_spec_clipping_metrics():
     """Seq1 token 0 (ratio 1.2214, A < 0) keeps the unclipped branch; seq3 token 0 (1.3499, A > 0) is clipped."""
     plugin = loss("grpo", beta=0.04, loss_type="grpo")
     adv = plugin.compute_advantages(RolloutBatch(SPEC_REWARDS, ONE_GROUP))
-    out = plugin(inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, adv, SPEC_OLD, SPEC_REF))
+    out = step_loss(plugin, inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, adv, SPEC_OLD, SPEC_REF))
     close(out.metrics["clip_ratio/high_mean"], [0, 0, 0, 0.5])
     close(out.metrics["clip_ratio/low_mean"], [0, 0, 0, 0])
     per_token, stable = ppo_clip(torch.exp(SPEC_NEW - SPEC_OLD), adv[:, None], 0.2, 0.2)
@@ -197,7 +210,7 @@ def test_grpo_gradient_equals_autograd_of_paper_formula(loss_type, bias, level):
     plugin = loss("grpo", beta=0.04, loss_type=loss_type, epsilon_high=0.28, use_bias_correction_kl=bias,
                   importance_sampling_level=level, **extra)
     adv = plugin.compute_advantages(RolloutBatch(rewards, index))
-    ours, g_ours = grad_of(lambda lp: plugin(inputs_for(lp, mask, adv, old, ref)).loss, new)
+    ours, g_ours = grad_of(lambda lp: step_loss(plugin, inputs_for(lp, mask, adv, old, ref)).loss, new)
     paper, g_paper = grad_of(lambda lp: grpo_paper_loss(lp, old, ref, mask, adv, loss_type=loss_type, beta=0.04,
                                                         eps_low=0.2, eps_high=0.28, bias=bias, level=level,
                                                         max_len=7), new)
@@ -215,8 +228,8 @@ def test_grpo_micro_batch_shares_add_up(loss_type):
     new, old, ref, mask, rewards, index = random_rollout(1, groups=3)
     plugin = loss("grpo", beta=0.04, loss_type=loss_type, max_completion_length=6)
     adv = plugin.compute_advantages(RolloutBatch(rewards, index))
-    step = Normaliser(sequences=float(new.shape[0]), tokens=float(mask.sum()))
-    full, g_full = grad_of(lambda lp: plugin(inputs_for(lp, mask, adv, old, ref, normaliser=step)).loss, new)
+    step = StepCounts(examples=float(new.shape[0]), tokens=float(mask.sum()))
+    full, g_full = grad_of(lambda lp: step_loss(plugin, inputs_for(lp, mask, adv, old, ref), step).loss, new)
 
     def split(lp):
         total = 0
@@ -225,8 +238,8 @@ def test_grpo_micro_batch_shares_add_up(loss_type):
             filler = 2  # rows that only fill the micro-batch must add nothing
             pick = torch.cat([rows, rows[:filler]])
             weight = torch.cat([torch.ones(len(rows), dtype=DT), torch.zeros(filler, dtype=DT)])
-            total = total + plugin(inputs_for(lp[pick], mask[pick], adv[pick], old[pick], ref[pick], weight=weight,
-                                              normaliser=step)).loss
+            total = total + step_loss(plugin, inputs_for(lp[pick], mask[pick], adv[pick], old[pick], ref[pick],
+                                                         weight=weight), step).loss
         return total
 
     parts, g_parts = grad_of(split, new)
@@ -239,8 +252,8 @@ def test_on_policy_ratio_is_one_and_never_clips():
     plugin = loss("grpo", beta=0.0, loss_type="grpo", epsilon=0.01, epsilon_high=0.01)
     adv = plugin.compute_advantages(RolloutBatch(rewards, index))
     lp = new.clone().requires_grad_(True)
-    out_none = plugin(inputs_for(lp, mask, adv, old=None))
-    out_same = plugin(inputs_for(lp, mask, adv, old=lp.detach()))
+    out_none = step_loss(plugin, inputs_for(lp, mask, adv, old=None))
+    out_same = step_loss(plugin, inputs_for(lp, mask, adv, old=lp.detach()))
     assert torch.equal(torch.exp(lp - lp.detach()), torch.ones_like(lp))  # exactly 1
     for out in (out_none, out_same):
         for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
@@ -251,6 +264,147 @@ def test_on_policy_ratio_is_one_and_never_clips():
     (g_same,) = torch.autograd.grad(out_same.loss, lp)
     close(g_none, g_same)
     close(g_none, -(adv[:, None] * mask / n[:, None]) / len(adv))  # REINFORCE with the group baseline
+
+
+# ----------------------------------------------------------------------------------------------------
+# advantage estimators (posttrain.losses.ADVANTAGE_ESTIMATORS)
+# ----------------------------------------------------------------------------------------------------
+
+def test_leave_one_out_estimator_by_hand_and_group_mean_std_is_trls():
+    assert set(ADVANTAGE_ESTIMATORS) == {"group_mean", "group_mean_std", "batch_std", "leave_one_out", "none"}
+    # groups need not be contiguous: group 0 = rows 0, 2, 4, 6; group 1 = rows 1, 3; group 2 = row 5 alone
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.7, 0.25], dtype=DT)
+    index = torch.tensor([0, 1, 0, 1, 0, 2, 0])
+    loo = ADVANTAGE_ESTIMATORS.get("leave_one_out")()(RolloutBatch(rewards, index))
+    # A_i = r_i - mean of the other rewards of i's group, by hand:
+    #   group 0 (1, 0, 0.5, 0.25): 1 - 0.75/3, 0 - 1.75/3, 0.5 - 1.25/3, 0.25 - 1.5/3
+    #   group 1 (1, 0): 1 - 0, 0 - 1;  group 2 (one completion): 0
+    expected = [3 / 4, 1.0, -7 / 12, -1.0, 1 / 12, 0.0, -1 / 4]
+    close(loo, expected)
+    assert loo[5] == 0  # a group of one has no baseline: advantage exactly 0
+    # RLOO = G / (G - 1) * (r - group mean) for groups of G > 1
+    centred = group_normalised_advantages(rewards, index, "none")
+    close(loo[[0, 2, 4, 6]], centred[[0, 2, 4, 6]] * 4 / 3)
+    close(loo[[1, 3]], centred[[1, 3]] * 2)
+    single = ADVANTAGE_ESTIMATORS.get("leave_one_out")()(RolloutBatch(torch.tensor([0.9], dtype=DT),
+                                                                      torch.tensor([7])))
+    assert single.tolist() == [0.0]
+    # group_mean_std is TRL's group normalisation (and GRPO's default estimator), also on the spec example
+    for r, g in ((rewards, index), (SPEC_REWARDS, ONE_GROUP)):
+        batch = RolloutBatch(r, g)
+        close(ADVANTAGE_ESTIMATORS.get("group_mean_std")()(batch), group_normalised_advantages(r, g, "group"))
+        close(ADVANTAGE_ESTIMATORS.get("batch_std")()(batch), group_normalised_advantages(r, g, "batch"))
+        close(ADVANTAGE_ESTIMATORS.get("group_mean")()(batch), group_normalised_advantages(r, g, "none"))
+        close(ADVANTAGE_ESTIMATORS.get("none")()(batch), r)
+        close(loss("grpo").compute_advantages(batch), group_normalised_advantages(r, g, "group"))
+    # GRPO picks its estimator from scale_rewards; the recipe's rollout.advantage_estimator may replace it
+    for scale, name in (("group", "group_mean_std"), ("batch", "batch_std"), ("none", "group_mean")):
+        assert loss("grpo", scale_rewards=scale).estimator.name == name
+    plugin = loss("grpo")
+    plugin.use_estimator("leave_one_out")
+    close(plugin.compute_advantages(RolloutBatch(rewards, index)), expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the unified core: backward_through_coefficients gives autograd of the step loss, for every group loss
+# ----------------------------------------------------------------------------------------------------
+
+def _core_case(name: str):
+    """(plugin, inputs builder lp -> GroupLossInputs, step counts) on an off-policy rollout with clipping
+    active, a filler row (weight 0) and step counts larger than the micro-batch (another micro-batch exists)."""
+    new, old, ref, mask, rewards, index = random_rollout(6, groups=3)
+    n = new.shape[0]
+    weight = torch.ones(n, dtype=DT)
+    weight[-1] = 0.0
+    counts = StepCounts(examples=float(weight.sum()) + 5.0, tokens=float((mask * weight[:, None]).sum()) + 17.0)
+    gen = torch.Generator().manual_seed(7)
+    extra = {}
+    if name.startswith("grpo"):
+        loss_type = name.split(":")[1]
+        params = {"beta": 0.04, "loss_type": loss_type, "epsilon_high": 0.28}
+        if loss_type == "dr_grpo":
+            params["max_completion_length"] = 7
+        if name.endswith(":sequence"):
+            params["importance_sampling_level"] = "sequence"
+        plugin = loss("grpo", **params)
+        adv = plugin.compute_advantages(RolloutBatch(rewards, index))
+    elif name == "gtpo":
+        plugin = loss("gtpo")
+        ids = torch.randint(3, 5, new.shape, generator=gen)
+        entropy = 0.5 * torch.rand(new.shape, generator=gen, dtype=DT)
+        adv = plugin.compute_advantages(RolloutBatch(rewards, index, mask=mask, token_ids=ids, entropy=entropy))
+        assert (adv != 0).any()
+        extra["group_index"] = index
+    else:
+        plugin = loss("copo")
+        answers = [str(int(x)) for x in torch.randint(0, 3, (n,), generator=gen)]
+        adv = plugin.compute_advantages(RolloutBatch(rewards, index, answers=answers))
+        old = old.clone()
+        old[:, 0] = new[:, 0] - 1.5  # ratio e^1.5: clipped high where A > 0, dual-clipped (> c = 3) where A < 0
+        old[:, 1] = (new[:, 1] + 1.0) * mask[:, 1]  # ratio e^-1: clipped low where A < 0
+        assert ((adv[:, 1] < 0) & (weight > 0)).any() and ((adv[:, 1] > 0) & (weight > 0)).any()
+
+    def build(lp):
+        return GroupLossInputs(logps=lp, mask=mask, advantages=adv, completion_weight=weight, old_logps=old,
+                               ref_logps=ref if plugin.needs_reference else None, **extra)
+
+    return plugin, build, counts, new
+
+
+CORE_CASES = ["grpo:grpo", "grpo:dapo", "grpo:dr_grpo", "grpo:grpo:sequence", "gtpo", "copo"]
+
+
+def test_core_cases_cover_every_registered_group_loss():
+    from posttrain.losses import LOSSES
+
+    builtin = {name for name, cls in LOSSES.items()
+               if cls.data_kind == "groups" and cls.__module__.startswith("posttrain.")}
+    assert builtin == {case.split(":")[0] for case in CORE_CASES}
+
+
+@pytest.mark.parametrize("case", CORE_CASES)
+def test_backward_through_coefficients_equals_autograd_of_step_loss(case):
+    """The trainer's gradient path: step_loss on a detached copy, c = -dL/dlp by autograd, then the surrogate
+    -sum c lp backpropagated into the "model output" (a float64 leaf). Its gradient equals autograd of
+    step_loss directly, to 1e-9; the returned loss is the step loss and the coefficients are -dL/dlp."""
+    plugin, build, counts, new = _core_case(case)
+    value, g_auto = grad_of(lambda lp: plugin.step_loss(build(lp), counts).loss, new)
+    model_output = new.detach().clone().requires_grad_(True)
+    calls = []
+
+    def backward(surrogate):
+        calls.append(surrogate)
+        surrogate.backward()
+
+    out, coefficients = backward_through_coefficients(lambda leaves: plugin.step_loss(build(leaves["logps"]), counts),
+                                                      {"logps": model_output}, backward)
+    assert len(calls) == 1 and out.direct is None and not out.loss.requires_grad
+    close(out.loss, value)
+    close(model_output.grad, g_auto)
+    close(coefficients["logps"], -g_auto)
+    assert g_auto.abs().max() > 1e-3  # a real gradient
+    if case.startswith("grpo"):  # clipping is active on both sides
+        metrics = out.metrics
+        assert metrics["clip_ratio/low_mean"].sum() > 0 and metrics["clip_ratio/high_mean"].sum() > 0
+    if case == "copo":  # dual-clipped tokens (A_glob < 0, ratio > 3) get no gradient
+        dual = (build(new).advantages[:, 1] < 0) & (build(new).completion_weight > 0)
+        assert dual.any() and g_auto[dual, 0].abs().max() == 0
+    assert g_auto[-1].abs().max() == 0  # the filler row gets none
+    for name, metric in plugin.step_loss(build(new), counts).metrics.items():
+        close(out.metrics[name], metric)
+
+
+def test_group_log_ratio_is_clamped_before_exp():
+    """|log pi_theta - log pi_old| is clamped to 20 before exp: a far-off-policy token gives a finite loss."""
+    lp = torch.tensor([[-0.5, -30.0, -0.1]], dtype=DT)
+    old = torch.tensor([[-60.0, -0.5, -0.1]], dtype=DT)
+    mask = torch.ones(1, 3, dtype=DT)
+    inputs = inputs_for(lp, mask, torch.ones(1, dtype=DT), old=old)
+    close(inputs.log_ratio(), [[20.0, -20.0, 0.0]])
+    for name in ("grpo", "gtpo"):
+        plugin = loss(name)
+        out = step_loss(plugin, inputs_for(lp, mask, torch.ones(1, dtype=DT), old=old, group_index=torch.zeros(1)))
+        assert torch.isfinite(out.loss), name
 
 
 def test_grpo_params_and_registration():
@@ -264,7 +418,7 @@ def test_grpo_params_and_registration():
         loss("grpo", scale_rewards="std")
     with pytest.raises(ValueError, match="ref_logps"):
         p = loss("grpo", beta=0.1)
-        p(inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, torch.zeros(4, dtype=DT)))
+        step_loss(p, inputs_for(SPEC_NEW.clone().requires_grad_(), SPEC_MASK, torch.zeros(4, dtype=DT)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,7 +482,7 @@ def test_grpo_equals_trl(trl_grpo, loss_type):
         plugin = loss("grpo", beta=beta, loss_type=loss_type, epsilon_high=eps_high, use_bias_correction_kl=bias,
                       importance_sampling_level=level, max_completion_length=7)
         adv = plugin.compute_advantages(RolloutBatch(rewards, index))
-        ours, g_ours = grad_of(lambda lp: plugin(inputs_for(lp, mask, adv, old, ref)).loss, new)
+        ours, g_ours = grad_of(lambda lp: step_loss(plugin, inputs_for(lp, mask, adv, old, ref)).loss, new)
         theirs, g_theirs = grad_of(lambda lp: trl_loss(trainer, lp, old, ref, mask, adv, beta, eps_high, bias, level),
                                    new)
         close(ours, theirs)
@@ -380,7 +534,7 @@ def test_gtpo_spec_values(params, expected):
     assert not plugin.needs_reference and plugin.data_kind == "groups"
     adv = plugin.compute_advantages(gtpo_batch())
     lp = -torch.rand(4, 5, dtype=DT, generator=torch.Generator().manual_seed(0))
-    out = plugin(inputs_for(lp.requires_grad_(), GTPO_MASK, adv, group_index=ONE_GROUP))
+    out = step_loss(plugin, inputs_for(lp.requires_grad_(), GTPO_MASK, adv, group_index=ONE_GROUP))
     close(out.loss, expected)
     per_completion = [-0.376, 0.0275, 0.0, 0.026] if params.get("divide_by_n_conflict", True) else \
         [-1.88, 0.11, 0.0, 0.104]
@@ -409,7 +563,7 @@ def test_gtpo_gradient_equals_autograd_of_code_formula(reduction):
         per = -(mask * adv * torch.exp(lp - old)).sum(-1) / mask.sum(-1)
         return (sizes * per).sum() / 7
 
-    ours, g_ours = grad_of(lambda lp: plugin(inputs_for(lp, mask, adv, old, group_index=index)).loss, new)
+    ours, g_ours = grad_of(lambda lp: step_loss(plugin, inputs_for(lp, mask, adv, old, group_index=index)).loss, new)
     ref, g_ref = grad_of(code, new)
     close(ours, ref)
     close(g_ours, g_ref)
@@ -452,7 +606,7 @@ def test_copo_spec_value():
     mask = torch.ones(8, 3, dtype=DT)
     mask[5, 2:] = 0
     lp = -torch.rand(8, 3, dtype=DT, generator=torch.Generator().manual_seed(0))
-    out = plugin(inputs_for(lp.requires_grad_(), mask, adv))  # on-policy: token loss = -A
+    out = step_loss(plugin, inputs_for(lp.requires_grad_(), mask, adv))  # on-policy: token loss = -A
     close(out.loss, -0.25259318345568926)
     close(out.metrics["copo/completion_loss"], [-0.702373] * 4 + [-1.332570, 0.707105, 0.707105, 0.707105],
           rtol=1e-6)
@@ -495,7 +649,7 @@ def test_copo_gradient_equals_autograd_of_verl_formula(flag):
     new = -torch.rand(12, 6, generator=gen, dtype=DT)
     old = new + 0.7 * torch.randn(12, 6, generator=gen, dtype=DT)
     old[5:8, 0] = new[5:8, 0] - 1.5  # ratio e^1.5 > c = 3 with A < 0: the dual clip is active
-    ours, g_ours = grad_of(lambda lp: plugin(inputs_for(lp, mask, adv, old)).loss, new)
+    ours, g_ours = grad_of(lambda lp: step_loss(plugin, inputs_for(lp, mask, adv, old)).loss, new)
     a_loc, a_glob, w = adv[:, :1], adv[:, 1:2], adv[:, 2:3]
     ref, g_ref = grad_of(lambda lp: copo_verl_loss(lp, old, mask, a_loc, a_glob, w), new)
     close(ours, ref)

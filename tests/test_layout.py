@@ -14,13 +14,15 @@ softmax is float32 too, with the same effect on gradients: its stated tolerance 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from conftest import make_tiny_model
 from helpers import recipe_from, tiny_recipe
 from posttrain.config import LossTerm
-from posttrain.core import Normaliser, PolicyLogProbs
+from posttrain.core import PolicyLogProbs, StepCounts, backward_through_coefficients
 from posttrain.data.layout import build_pair_rows, pack, shared_length
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.losses import PairLossInputs, build_loss
@@ -64,12 +66,15 @@ def _dpo_step(model, pairs, **layout):
     g = torch.Generator().manual_seed(1)
     ref_w = -torch.rand(mask_w.shape, generator=g, dtype=torch.float64) * mask_w
     ref_l = -torch.rand(mask_l.shape, generator=g, dtype=torch.float64) * mask_l
-    inputs = PairLossInputs(chosen, rejected, mask_w, mask_l, Normaliser(b, float(mask_w.sum() + mask_l.sum())),
-                            torch.ones(b, dtype=torch.float64), ref_w, ref_l)
-    out = build_loss([LossTerm(name="dpo", params={"beta": 0.5})])(inputs)
-    out.loss.backward()
+    inputs = PairLossInputs(chosen, rejected, mask_w, mask_l, torch.ones(b, dtype=torch.float64), ref_w, ref_l)
+    counts = StepCounts(examples=b, tokens=float(mask_w.sum()))
+    plugin = build_loss([LossTerm(name="dpo", params={"beta": 0.5})])
+    # the trainer's gradient path: coefficients c = -dL/dlp on the log-probs, backpropagated through the model
+    out, _ = backward_through_coefficients(
+        lambda leaves: plugin.step_loss(replace(inputs, **leaves), counts),
+        {"chosen_logps": chosen, "rejected_logps": rejected}, lambda surrogate: surrogate.backward())
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    return rows, chosen.detach(), rejected.detach(), out.loss.detach(), grads
+    return rows, chosen.detach(), rejected.detach(), out.loss, grads
 
 
 def _alone(model, prompt, response):
@@ -180,7 +185,7 @@ def test_trainer_refuses_the_layouts_where_the_mask_would_not_be_honoured(tiny_m
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", model={"attn_implementation": "flex_attention"},
                       data={"train": {"builtin": "tiny", "split": "train", "num_rows": 8}, "heldout": None},
                       train={"share_prompt": True}, logging={"progress_bar": False, "tensorboard": False})
-    with pytest.raises(RecipeError, match="train.share_prompt and train.packing need sdpa or eager"):
+    with pytest.raises(RecipeError, match="train.share_prompt needs a custom 4-D attention mask, which model.attn_implementation 'flex_attention'"):
         Trainer(recipe_from(raw)).setup()
 
 

@@ -9,7 +9,7 @@ import yaml
 
 from helpers import recipe_from, tiny_recipe, write_varied_pairs
 from posttrain import cli
-from posttrain import trainer as trainer_module
+from posttrain.steps import pairs as pair_step
 from posttrain.errors import PosttrainError
 from posttrain.trainer import Trainer
 
@@ -26,14 +26,14 @@ def _raw(tiny_model_dir, tmp_path, **train):
 def _largest_collated_batch(raw, monkeypatch) -> int:
     """The largest input_ids tensor the trainer really builds over the run."""
     sizes = []
-    real = trainer_module.build_pair_rows
+    real = pair_step.build_pair_rows
 
     def recording(*args, **kwargs):
         rows = real(*args, **kwargs)
         sizes.append(rows.input_ids.numel())
         return rows
 
-    monkeypatch.setattr(trainer_module, "build_pair_rows", recording)
+    monkeypatch.setattr(pair_step, "build_pair_rows", recording)
     Trainer(recipe_from(raw)).train()
     return max(sizes)
 

@@ -1,9 +1,12 @@
 """SimPO, RPO, rDPO and the SFT reductions (spec sections 2, 3, 4, 10), in float64.
 
 1. Each loss equals the spec's worked example (Appendix B numbers, or their closed forms) to rtol 1e-9.
-2. The gradient each plug-in sends through the unified core equals autograd of the paper formula (written
-   out independently below) on random per-token inputs with masks of different lengths and a zero-weight
-   filler row; splitting the step into micro-batches changes neither the loss nor the gradient.
+2. The gradient each plug-in sends through the unified core (`backward_through_coefficients`: c = -dL/dlp on
+   detached log-probs, then -sum c lp backpropagated, as the trainer does) equals autograd of the paper formula
+   (written out independently below) on random per-token inputs with masks of different lengths and a
+   zero-weight filler row; splitting the step into micro-batches changes neither the loss nor the gradient.
+   For every registered pair loss (and a user's plain LossPlugin), the parameter gradient of a tiny float64
+   model through the coefficients equals autograd of the plug-in's step loss on the live log-probs.
 3. Equality with TRL 1.16 on identical inputs, one micro-batch, one process:
    - rDPO vs a real `DPOTrainer(loss_type="robust", label_smoothing=eps)`;
    - RPO (reduction token_mean_batch) vs a real `DPOTrainer(loss_type=["sigmoid", "sft"], loss_weights=[1, alpha])`;
@@ -11,7 +14,8 @@
    - SimPO vs a real `trl.experimental.cpo.CPOTrainer(loss_type="simpo", simpo_gamma=beta*ratio)`: TRL computes
      its own average log-probs from the float64 logits, so the comparison is of the loss, the metrics and the
      gradient w.r.t. every model parameter (with `cpo_alpha` = SimPO's `sft_weight`).
-4. Reference-free SimPO never runs a reference pass in `posttrain.trainer.Trainer` (DPO does: the count can fail).
+4. Reference-free SimPO never runs a reference pass in `posttrain.trainer.Trainer` (DPO does: the count can fail);
+   reference passes are counted at `posttrain.models.Reference.log_probs`.
 5. Each of simpo, rpo and rdpo trains the tiny task (held-out ranking accuracy rises by a stated margin).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -28,9 +33,9 @@ import torch.nn.functional as F
 from conftest import make_tiny_model
 from helpers import recipe_from, tiny_recipe
 from posttrain.config import LossTerm
-from posttrain.core import Normaliser, PolicyLogProbs
+from posttrain.core import PolicyLogProbs, StepCounts, backward_through_coefficients
 from posttrain.errors import RecipeError
-from posttrain.losses import PairLossInputs, build_loss
+from posttrain.losses import LOSSES, LossOutput, LossPlugin, PairLossInputs, build_loss, sequence_sums
 from posttrain.models import Reference
 from posttrain.trainer import Trainer
 
@@ -47,18 +52,33 @@ def _t(rows) -> torch.Tensor:
 
 
 def _inputs(chosen, rejected, chosen_mask=None, rejected_mask=None, ref_chosen=None, ref_rejected=None,
-            pair_weight=None, normaliser=None) -> PairLossInputs:
+            pair_weight=None) -> PairLossInputs:
     chosen_mask = torch.ones_like(chosen) if chosen_mask is None else chosen_mask
     rejected_mask = torch.ones_like(rejected) if rejected_mask is None else rejected_mask
     pair_weight = torch.ones(chosen.shape[0], dtype=F64) if pair_weight is None else pair_weight
-    if normaliser is None:
-        real = pair_weight[:, None]
-        normaliser = Normaliser(sequences=float(pair_weight.sum()),
-                                tokens=float((chosen_mask * real).sum() + (rejected_mask * real).sum()),
-                                chosen_tokens=float((chosen_mask * real).sum()))
     return PairLossInputs(chosen_logps=chosen, rejected_logps=rejected, chosen_mask=chosen_mask,
-                          rejected_mask=rejected_mask, normaliser=normaliser, pair_weight=pair_weight,
+                          rejected_mask=rejected_mask, pair_weight=pair_weight,
                           ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+
+
+def _counts(inputs: PairLossInputs) -> StepCounts:
+    """The step's counts when the step is these inputs alone: real pairs, and their chosen tokens."""
+    real = inputs.pair_weight[:, None]
+    return StepCounts(examples=float(inputs.pair_weight.sum()), tokens=float((inputs.chosen_mask * real).sum()))
+
+
+def _step(plugin, inputs: PairLossInputs, counts: StepCounts | None = None):
+    """The plug-in's step loss (globally normalised: the value the trainer logs)."""
+    return plugin.step_loss(inputs, _counts(inputs) if counts is None else counts)
+
+
+def _through_coefficients(plugin, inputs: PairLossInputs, counts: StepCounts | None = None):
+    """The trainer's gradient path on `inputs.chosen_logps` / `inputs.rejected_logps` (leaves or a model's graph):
+    c = -dL/dlp on detached copies, then `-sum c lp` backpropagated. Returns (detached StepLoss, coefficients)."""
+    counts = _counts(inputs) if counts is None else counts
+    return backward_through_coefficients(lambda leaves: plugin.step_loss(replace(inputs, **leaves), counts),
+                                         {"chosen_logps": inputs.chosen_logps, "rejected_logps": inputs.rejected_logps},
+                                         lambda surrogate: surrogate.backward())
 
 
 def _close(actual: float, expected: float, rtol: float = RTOL):
@@ -88,7 +108,7 @@ def _simpo_worked():
 def test_simpo_worked_example(beta, ratio, z, spec_value, spec_abs):
     exact = softplus(-z)  # -logsigmoid(z), z = beta (A_w - A_l) - beta ratio
     assert abs(exact - spec_value) <= spec_abs  # the closed form is the spec's table row
-    out = _loss("simpo", beta=beta, gamma_beta_ratio=ratio)(_simpo_worked())
+    out = _step(_loss("simpo", beta=beta, gamma_beta_ratio=ratio), _simpo_worked())
     assert out.loss.dtype == F64
     _close(out.loss.item(), exact)
     # Logged rewards are beta * A(y), gamma excluded; logps are the averages (length-normalised).
@@ -99,16 +119,16 @@ def test_simpo_worked_example(beta, ratio, z, spec_value, spec_abs):
     _close(out.metrics["logps/rejected"].item(), -2.0)
     assert out.metrics["rewards/accuracies"].item() == 1.0
     # The absolute `gamma` (the paper's margin) is equivalent to gamma_beta_ratio and overrides it.
-    absolute = _loss("simpo", beta=beta, gamma=beta * ratio, gamma_beta_ratio=0.9)(_simpo_worked())
+    absolute = _step(_loss("simpo", beta=beta, gamma=beta * ratio, gamma_beta_ratio=0.9), _simpo_worked())
     _close(absolute.loss.item(), exact)
 
 
 def test_simpo_worked_example_with_sft_weight():
-    out = _loss("simpo", beta=2.0, gamma_beta_ratio=0.5, sft_weight=1.0)(_simpo_worked())
+    out = _step(_loss("simpo", beta=2.0, gamma_beta_ratio=0.5, sft_weight=1.0), _simpo_worked())
     _close(out.loss.item(), 1.3132616875182228)  # Appendix B: 0.3132617 + 1.0 (mean NLL of the chosen tokens)
     _close(out.parts["loss/sft"].item(), 1.0)
     # sft_weight scales the SFT term only.
-    half = _loss("simpo", beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.5)(_simpo_worked())
+    half = _step(_loss("simpo", beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.5), _simpo_worked())
     _close(half.loss.item(), softplus(-1.0) + 0.5)
 
 
@@ -121,7 +141,7 @@ def test_simpo_worked_example_is_trl_cpo_loss():
         fake = SimpleNamespace(alpha=0.0, beta=beta, loss_type="simpo", simpo_gamma=beta * ratio, label_smoothing=0.0,
                                accelerator=SimpleNamespace(device=torch.device("cpu")))
         losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(fake, _t([-1.0]), _t([-2.0]))
-        out = _loss("simpo", beta=beta, gamma_beta_ratio=ratio)(_simpo_worked())
+        out = _step(_loss("simpo", beta=beta, gamma_beta_ratio=ratio), _simpo_worked())
         _close(out.loss.item(), losses.mean().item())
         _close(out.metrics["rewards/chosen"].item(), chosen_rewards.item())
         _close(out.metrics["rewards/rejected"].item(), rejected_rewards.item())
@@ -150,31 +170,32 @@ def _rpo_two_pair_batch():
 
 def test_rpo_worked_examples():
     assert math.isclose(softplus(-0.15), L_DPO, rel_tol=1e-15)
-    out = _loss("rpo", beta=0.1, alpha=0.005, reduction="sum_times_beta")(_dpo_worked())  # Liu et al., cumulative
+    # Liu et al., cumulative
+    out = _step(_loss("rpo", beta=0.1, alpha=0.005, reduction="sum_times_beta"), _dpo_worked())
     _close(out.loss.item(), 0.6259570477895321)
     _close(out.parts["loss/dpo"].item(), L_DPO)
     _close(out.parts["loss/sft"].item(), 10.0)  # -S(y_w), weighted by eta * beta
-    out = _loss("rpo", beta=0.1, alpha=0.2, reduction="mean_per_seq")(_dpo_worked())  # Liu et al., average
+    out = _step(_loss("rpo", beta=0.1, alpha=0.2, reduction="mean_per_seq"), _dpo_worked())  # Liu et al., average
     _close(out.loss.item(), 1.2876237144561988)
     _close(out.parts["loss/sft"].item(), 10.0 / 3.0)
     # TRL's rpo_alpha = 1 on the 2-pair batch: token mean over the 5 chosen tokens = 2.4.
-    out = _loss("rpo", beta=0.1, alpha=1.0, reduction="token_mean_batch")(_rpo_two_pair_batch())
+    out = _step(_loss("rpo", beta=0.1, alpha=1.0, reduction="token_mean_batch"), _rpo_two_pair_batch())
     _close(out.loss.item(), 3.04960836206549)
     _close(out.parts["loss/sft"].item(), 2.4)
     per_pair_dpo = [softplus(-0.15), softplus(-0.03)]
     assert out.metrics["rewards/margins"].tolist() == pytest.approx([0.15, 0.03], rel=RTOL)
     # The other reductions on the same batch: per-sequence mean NLL 13/6, summed NLL (10 + 2) / 2 times beta.
     mean_dpo = sum(per_pair_dpo) / 2
-    out = _loss("rpo", beta=0.1, alpha=1.0, reduction="mean_per_seq")(_rpo_two_pair_batch())
+    out = _step(_loss("rpo", beta=0.1, alpha=1.0, reduction="mean_per_seq"), _rpo_two_pair_batch())
     _close(out.loss.item(), mean_dpo + 13.0 / 6.0)
-    out = _loss("rpo", beta=0.1, alpha=1.0, reduction="sum_times_beta")(_rpo_two_pair_batch())
+    out = _step(_loss("rpo", beta=0.1, alpha=1.0, reduction="sum_times_beta"), _rpo_two_pair_batch())
     _close(out.loss.item(), mean_dpo + 0.1 * 6.0)
 
 
 @pytest.mark.parametrize("reduction, expected", [
     ("token_mean_batch", 2.4), ("mean_per_seq", 13.0 / 6.0), ("sum_per_seq", 6.0)])
 def test_sft_reductions_worked_example(reduction, expected):
-    out = _loss("sft", reduction=reduction)(_rpo_two_pair_batch())
+    out = _step(_loss("sft", reduction=reduction), _rpo_two_pair_batch())
     _close(out.loss.item(), expected)
     assert out.metrics["nll/chosen"].tolist() == pytest.approx([10.0 / 3.0, 1.0], rel=RTOL)
 
@@ -184,7 +205,7 @@ def test_rdpo_worked_example(eps, spec_value):
     # Closed form at h = 1.5, beta = 0.1: [(1-eps) sp(-0.15) - eps sp(0.15)] / (1-2eps) = L_DPO - 0.15 eps / (1-2eps).
     exact = L_DPO - 0.15 * eps / (1 - 2 * eps)
     assert abs(exact - spec_value) <= 5e-7
-    out = _loss("rdpo", beta=0.1, eps=eps)(_dpo_worked())
+    out = _step(_loss("rdpo", beta=0.1, eps=eps), _dpo_worked())
     _close(out.loss.item(), exact)
     _close(out.metrics["rewards/chosen"].item(), 0.1)
     _close(out.metrics["rewards/rejected"].item(), -0.05)
@@ -193,22 +214,22 @@ def test_rdpo_worked_example(eps, spec_value):
 @pytest.mark.parametrize("eps, expected", [(0.1, -0.05875701546562505), (0.0, -0.04625701546562505)])
 def test_rdpo_gradient_wrt_summed_logprob(eps, expected):
     """dL/dh at h = 1.5 (Appendix B). dS/dlp_t = 1, so every chosen token's gradient is dL/dS_w = dL/dh and every
-    rejected token's is -dL/dh."""
+    rejected token's is -dL/dh. The gradient is the trainer's (through the coefficients c = -dL/dlp)."""
     inputs = _dpo_worked(requires_grad=True)
-    out = _loss("rdpo", beta=0.1, eps=eps)(inputs)
-    out.loss.backward()
+    _, coefficients = _through_coefficients(_loss("rdpo", beta=0.1, eps=eps), inputs)
     torch.testing.assert_close(inputs.chosen_logps.grad, torch.full((1, 3), expected, dtype=F64), rtol=RTOL, atol=0)
     torch.testing.assert_close(inputs.rejected_logps.grad, torch.full((1, 3), -expected, dtype=F64), rtol=RTOL, atol=0)
+    torch.testing.assert_close(coefficients["chosen_logps"], -inputs.chosen_logps.grad, rtol=RTOL, atol=0)
+    torch.testing.assert_close(coefficients["rejected_logps"], -inputs.rejected_logps.grad, rtol=RTOL, atol=0)
 
 
 def test_rdpo_is_unbounded_below():
     """At h = 60 (eps 0.1, beta 0.1) the loss is -0.7475 and its gradient does not vanish."""
     inputs = _dpo_worked(requires_grad=True)
     inputs.ref_chosen_logps[0, 0] -= 58.5  # S_ref,w = -69.5, so h = 2 - (-69.5 + 11.5) = 60
-    out = _loss("rdpo", beta=0.1, eps=0.1)(inputs)
+    out, _ = _through_coefficients(_loss("rdpo", beta=0.1, eps=0.1), inputs)
     _close(out.loss.item(), -0.7475243148622696)
     _close(out.loss.item(), softplus(-6.0) - 0.75)
-    out.loss.backward()
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     grad = -0.1 * (0.9 * sig(-6.0) + 0.1 * sig(6.0)) / 0.8
     assert grad < -0.01
@@ -341,10 +362,11 @@ def test_unified_core_gradient_equals_autograd_of_the_paper_formula(case):
         assert (z < 1).any() and (z > 1).any(), z
     plugin = build_loss([LossTerm(name=name, params=params)])
 
-    # posttrain: all four rows, the last one a zero-weight filler; the normaliser counts the real rows only.
+    # posttrain: all four rows, the last one a zero-weight filler; the step's counts cover the real rows only.
+    # The gradient is the trainer's: coefficients c = -dL/dlp, then -sum c lp backpropagated into the leaves.
     leaves = [x.clone().requires_grad_(True) for x in (pc, pr)]
-    out = plugin(_inputs(leaves[0], leaves[1], mc, mr, rc, rr, pair_weight=_t([1.0, 1.0, 1.0, 0.0])))
-    out.loss.backward()
+    out, coefficients = _through_coefficients(
+        plugin, _inputs(leaves[0], leaves[1], mc, mr, rc, rr, pair_weight=_t([1.0, 1.0, 1.0, 0.0])))
     # The paper formula, by autograd, on the real rows.
     paper_leaves = [x[:REAL].clone().requires_grad_(True) for x in (pc, pr)]
     paper = _paper_loss(name, params, paper_leaves[0], paper_leaves[1], rc[:REAL], rr[:REAL], mc[:REAL], mr[:REAL])
@@ -352,9 +374,10 @@ def test_unified_core_gradient_equals_autograd_of_the_paper_formula(case):
 
     assert out.loss.dtype == F64
     _close(out.loss.item(), paper.item(), rtol=1e-12)
-    for ours, theirs, mask in zip(leaves, paper_leaves, (mc, mr)):
-        if ours.grad is None:  # SFT does not read the rejected responses
-            assert name == "sft" and ours is leaves[1] and theirs.grad is None
+    for ours, theirs, mask, c in zip(leaves, paper_leaves, (mc, mr), coefficients.values()):
+        torch.testing.assert_close(c, -ours.grad, rtol=0, atol=0)  # the gradient is -c, token by token
+        if theirs.grad is None:  # SFT does not read the rejected responses: zero coefficients there
+            assert name == "sft" and ours is leaves[1] and (ours.grad == 0).all()
             continue
         torch.testing.assert_close(ours.grad[:REAL], theirs.grad, rtol=RTOL, atol=1e-15)
         assert (ours.grad[REAL] == 0).all()  # the filler adds nothing
@@ -366,30 +389,187 @@ def test_unified_core_gradient_equals_autograd_of_the_paper_formula(case):
 
 @pytest.mark.parametrize("case", list(GRADIENT_CASES))
 def test_micro_batch_split_changes_neither_loss_nor_gradient(case):
-    """Global normalisation: the step's normaliser is given to every micro-batch, so summing micro-batch losses
-    reproduces the one-batch loss and gradient (TRL's per-micro-batch token mean would not)."""
+    """Global normalisation: the step's counts are given to every micro-batch, so summing micro-batch losses
+    reproduces the one-batch loss and gradient (TRL's per-micro-batch token mean would not). Gradients are the
+    trainer's, through the coefficients."""
     pc, pr, rc, rr, mc, mr = _random_inputs(seed=11)
     name, params = _case(case, pc, pr, mc, mr)
     plugin = build_loss([LossTerm(name=name, params=params)])
     weight = _t([1.0, 1.0, 1.0, 0.0])
     whole = [x.clone().requires_grad_(True) for x in (pc, pr)]
     full_inputs = _inputs(whole[0], whole[1], mc, mr, rc, rr, pair_weight=weight)
-    full = plugin(full_inputs)
-    full.loss.backward()
+    counts = _counts(full_inputs)
+    full, _ = _through_coefficients(plugin, full_inputs, counts)
     split = [x.clone().requires_grad_(True) for x in (pc, pr)]
     total = 0.0
     for rows in ([0], [1, 2, 3]):  # uneven: the long first chosen response alone
-        sub = _inputs(split[0][rows], split[1][rows], mc[rows], mr[rows], rc[rows], rr[rows], pair_weight=weight[rows],
-                      normaliser=full_inputs.normaliser)
-        part = plugin(sub).loss
-        part.backward()
-        total = total + part.item()
+        sub = _inputs(split[0][rows], split[1][rows], mc[rows], mr[rows], rc[rows], rr[rows], pair_weight=weight[rows])
+        part, _ = _through_coefficients(plugin, sub, counts)
+        total = total + part.loss.item()
     _close(total, full.loss.item(), rtol=1e-12)
     for a, b in zip(split, whole):
-        if b.grad is None:  # SFT does not read the rejected responses
-            assert name == "sft" and a.grad is None
+        if name == "sft" and b is whole[1]:  # SFT does not read the rejected responses
+            assert (a.grad == 0).all() and (b.grad == 0).all()
             continue
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-16)
+
+
+# ---------------------------------------------------------------------- every pair loss, through a tiny model
+# The trainer's gradient (coefficients c = -dL/dlp on detached log-probs, then -sum c lp through the model) equals
+# autograd of the plug-in's step loss on the live log-probs, for every registered pair loss and for a user's loss
+# that writes only its per-pair paper loss.
+class UserMarginLoss(LossPlugin):
+    """A user's loss as docs/custom_losses.md shows it: a plain LossPlugin subclass that returns its paper loss per
+    pair, nothing about normalisation, coefficients or gradients."""
+
+    needs_reference = True
+    level = "sequence"
+
+    def __call__(self, inputs: PairLossInputs) -> LossOutput:
+        policy = sequence_sums(inputs.chosen_logps, inputs.chosen_mask) - sequence_sums(inputs.rejected_logps,
+                                                                                        inputs.rejected_mask)
+        reference = sequence_sums(inputs.ref_chosen_logps, inputs.chosen_mask) - sequence_sums(
+            inputs.ref_rejected_logps, inputs.rejected_mask)
+        return LossOutput(-F.logsigmoid(0.3 * (policy - reference)), {"user/margin": policy.detach()})
+
+
+PAIR_LOSS_NAMES = sorted(name for name, cls in LOSSES.items() if cls.data_kind == "pairs")
+PAIR_LOSS_CASES = {  # every registered pair loss at its defaults, and the variants below
+    **{name: (name, {}) for name in PAIR_LOSS_NAMES},
+    "dpo-ipo": ("dpo", {"loss_type": "ipo", "beta": 0.5}),
+    "dpo-cdpo": ("dpo", {"label_smoothing": 0.2}),
+    "dpo-reference_free": ("dpo", {"reference_free": True}),
+    "rdpo-0.3": ("rdpo", {"eps": 0.3}),
+    "rpo-sum_times_beta": ("rpo", {"alpha": 0.5, "reduction": "sum_times_beta"}),  # the default reduction
+    "rpo-mean_per_seq": ("rpo", {"alpha": 0.5, "reduction": "mean_per_seq"}),
+    "rpo-token_mean_batch": ("rpo", {"alpha": 0.5, "reduction": "token_mean_batch"}),
+    "simpo-sft": ("simpo", {"sft_weight": 0.5}),
+    "simpo-hinge-sft": ("simpo", {"loss_type": "hinge", "sft_weight": 0.5, "gamma": 0.0}),
+    "sft-mean_per_seq": ("sft", {"reduction": "mean_per_seq"}),
+    "sft-sum_per_seq": ("sft", {"reduction": "sum_per_seq"}),
+    "tabpo-gate-split": ("tabpo", {"lam": 1.0}),  # tau set below so that the barrier gates about half the tokens
+    "tabpo-no-token-weights": ("tabpo", {}),
+    "user": (None, {}),
+}
+TINY_VOCAB, TINY_B = 64, 4  # pairs 0..2 are real, pair 3 a zero-weight filler
+# (prompt length, chosen length, rejected length) of each pair: different lengths, so rows are right-padded.
+TINY_LENGTHS = [(3, 5, 2), (2, 1, 6), (4, 3, 3), (1, 4, 2)]
+
+
+def test_every_registered_pair_loss_has_a_case():
+    assert {"dpo", "rdpo", "rpo", "sft", "simpo", "tabpo"} <= set(PAIR_LOSS_NAMES)  # registration did not break
+    assert {name for name, _ in PAIR_LOSS_CASES.values()} >= set(PAIR_LOSS_NAMES)
+
+
+def _tiny_pair_batch(seed: int = 3):
+    """Input ids of TINY_B chosen rows then TINY_B rejected rows ([2B, L], right padding), their attention and
+    completion masks, and random positive per-token weights on the completions (TAB-PO's)."""
+    g = torch.Generator().manual_seed(seed)
+    length = max(p + max(c, r) for p, c, r in TINY_LENGTHS)
+    ids = torch.full((2 * TINY_B, length), 2, dtype=torch.long)
+    attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, c, r) in enumerate(TINY_LENGTHS):
+        prompt = torch.randint(3, TINY_VOCAB, (p,), generator=g)
+        for row, n in ((i, c), (TINY_B + i, r)):
+            ids[row, :p] = prompt
+            ids[row, p:p + n] = torch.randint(3, TINY_VOCAB, (n,), generator=g)
+            attention[row, :p + n] = 1
+            completion[row, p:p + n] = 1
+    weights = (torch.rand(2 * TINY_B, length - 1, generator=g, dtype=F64) + 0.5) * completion[:, 1:]
+    return ids, attention, completion, weights
+
+
+def _tiny_case(case: str, chosen_logps: torch.Tensor, chosen_mask: torch.Tensor):
+    name, params = PAIR_LOSS_CASES[case]
+    if name is None:
+        return UserMarginLoss()
+    params = dict(params)
+    if case == "tabpo-gate-split":  # the median probability of the real chosen tokens: some gated, some not
+        real = chosen_logps.detach()[:REAL][chosen_mask[:REAL].bool()]
+        params["tau"] = float(real.median().exp())
+    return build_loss([LossTerm(name=name, params=params)])
+
+
+@pytest.mark.parametrize("case", list(PAIR_LOSS_CASES))
+def test_gradient_through_coefficients_equals_autograd_of_the_step_loss(case):
+    ids, attention, completion, weights = _tiny_pair_batch()
+    model = make_tiny_model(TINY_VOCAB, seed=0, dtype=F64, hidden=16, layers=1)
+    reference = make_tiny_model(TINY_VOCAB, seed=1, dtype=F64, hidden=16, layers=1)
+    policy = PolicyLogProbs(model)
+    with torch.no_grad():
+        ref = PolicyLogProbs(reference)(ids, attention, completion)
+    mask = completion[:, 1:].to(F64)
+    mc, mr = mask[:TINY_B], mask[TINY_B:]
+    pair_weight = _t([1.0, 1.0, 1.0, 0.0])
+    no_weights = case == "tabpo-no-token-weights"
+    base = PairLossInputs(
+        chosen_logps=None, rejected_logps=None, chosen_mask=mc, rejected_mask=mr, pair_weight=pair_weight,
+        ref_chosen_logps=ref[:TINY_B], ref_rejected_logps=ref[TINY_B:],
+        chosen_token_weights=None if no_weights else weights[:TINY_B],
+        rejected_token_weights=None if no_weights else weights[TINY_B:])
+    # The step holds more than this micro-batch (the counts are global): 5 pairs and 9 more chosen tokens.
+    counts = StepCounts(examples=5.0, tokens=float((mc * pair_weight[:, None]).sum()) + 9.0)
+
+    def live():
+        logps = policy(ids, attention, completion)
+        return replace(base, chosen_logps=logps[:TINY_B], rejected_logps=logps[TINY_B:])
+
+    plugin = _tiny_case(case, policy(ids, attention, completion)[:TINY_B], mc)
+    if case == "tabpo-gate-split":
+        with torch.no_grad():
+            gate = policy(ids, attention, completion)[:TINY_B][:REAL][mc[:REAL].bool()] < math.log(plugin.params.tau)
+        assert gate.any() and not gate.all()
+
+    model.zero_grad(set_to_none=True)
+    out, coefficients = _through_coefficients(plugin, live(), counts)
+    through = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    direct = plugin.step_loss(live(), counts)
+    assert direct.loss.dtype == F64 and direct.loss.requires_grad
+    direct.loss.backward()
+    autograd = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    _close(out.loss.item(), direct.loss.item(), rtol=1e-12)
+    assert through.keys() == autograd.keys() and autograd
+    assert max(float(g.abs().max()) for g in autograd.values()) > 1e-6  # a gradient that is really there
+    for key, grad in autograd.items():
+        torch.testing.assert_close(through[key], grad, rtol=RTOL, atol=1e-13 * float(grad.abs().max()))
+
+    # The coefficients live on the real completion tokens only: none on the filler pair, none off the masks.
+    c_w, c_l = coefficients["chosen_logps"], coefficients["rejected_logps"]
+    for c, m in ((c_w, mc), (c_l, mr)):
+        assert (c[REAL:] == 0).all() and (c[m == 0] == 0).all()
+    assert (c_w[:REAL][mc[:REAL] == 1] != 0).any()
+    reads_rejected = not (isinstance(plugin, type(_loss("sft"))))
+    assert (c_l[:REAL][mr[:REAL] == 1] != 0).any() == reads_rejected
+
+
+def test_a_user_loss_gets_coefficients_from_the_core_with_no_extra_code():
+    """A plain LossPlugin subclass (only `__call__`, per-pair values, level "sequence") gets per-token coefficients
+    on every real chosen and rejected token: c = -dL/dlp, the same on each token of a response (L reads the sums),
+    positive on chosen and negative on rejected tokens."""
+    ids, attention, completion, _ = _tiny_pair_batch()
+    model = make_tiny_model(TINY_VOCAB, seed=0, dtype=F64, hidden=16, layers=1)
+    logps = PolicyLogProbs(model)(ids, attention, completion)
+    mask = completion[:, 1:].to(F64)
+    mc, mr = mask[:TINY_B], mask[TINY_B:]
+    inputs = PairLossInputs(logps[:TINY_B], logps[TINY_B:], mc, mr, _t([1.0, 1.0, 1.0, 0.0]),
+                            torch.zeros_like(mc), torch.zeros_like(mr))
+    plugin = UserMarginLoss()
+    assert type(plugin).step_loss is LossPlugin.step_loss  # nothing but __call__ is the user's
+    counts = StepCounts(examples=3.0, tokens=float(mc[:REAL].sum()))
+    out, coefficients = _through_coefficients(plugin, inputs, counts)
+    assert math.isfinite(out.loss.item()) and "user/margin" in out.metrics
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters() if p.requires_grad)
+    # The coefficients in closed form: dL/dmargin per pair, divided by the step's pairs.
+    margin = out.metrics["user/margin"]
+    d_margin = -0.3 * torch.sigmoid(-0.3 * margin)
+    expected = -d_margin * _t([1.0, 1.0, 1.0, 0.0]) / counts.examples
+    c_w, c_l = coefficients["chosen_logps"], coefficients["rejected_logps"]
+    torch.testing.assert_close(c_w, expected[:, None] * mc, rtol=RTOL, atol=0.0)
+    torch.testing.assert_close(c_l, -expected[:, None] * mr, rtol=RTOL, atol=0.0)
+    assert (c_w[:REAL][mc[:REAL] == 1] > 0).all() and (c_l[:REAL][mr[:REAL] == 1] < 0).all()
+    assert (c_w[REAL:] == 0).all() and (c_l[REAL:] == 0).all()
 
 
 # ====================================================================================== 3. TRL parity
@@ -495,13 +675,12 @@ def test_rdpo_and_rpo_equal_trl_dpo_trainer(dpo_trainer):
     plugin = build_loss([LossTerm(name=name, params=params)])
     inputs = _inputs(chosen_leaf, rejected_leaf, chosen_mask, rejected_mask,
                      _sum_on_first_token(ref_chosen, chosen_mask), _sum_on_first_token(ref_rejected, rejected_mask))
-    out = plugin(inputs)
+    out, _ = _through_coefficients(plugin, inputs)  # posttrain's gradient: the trainer's path, into the leaves
     _close(out.loss.item(), trl_loss.item())
     for metric in METRICS:
         _close(out.metrics[metric].mean().item(), trl_metrics[metric])
 
     trl_loss.backward()
-    out.loss.backward()
     ours_grad = torch.cat([chosen_leaf.grad, rejected_leaf.grad])
     assert (ours_grad[mask == 0] == 0).all() and (ours_grad[mask == 1] != 0).all()
     torch.testing.assert_close(ours_grad, trl_leaf.grad * mask, rtol=RTOL, atol=0.0)
@@ -516,7 +695,7 @@ def test_rdpo_and_rpo_equal_trl_dpo_trainer(dpo_trainer):
         token_mean = -(ours[:n] * chosen_mask).sum() / chosen_mask.sum()
         expected = -F.logsigmoid(r_w - r_l).mean() + params["alpha"] * token_mean
         # ...not the mean over pairs of per-sequence means (the responses' lengths differ, so the two differ).
-        per_seq = _loss("rpo", beta=BETA, alpha=params["alpha"], reduction="mean_per_seq")(inputs).loss.item()
+        per_seq = _step(_loss("rpo", beta=BETA, alpha=params["alpha"], reduction="mean_per_seq"), inputs).loss.item()
         assert abs(per_seq - trl_loss.item()) > 1e-3, (per_seq, trl_loss.item())
     _close(trl_loss.item(), expected.item())
 
@@ -577,7 +756,8 @@ def test_simpo_equals_trl_cpo_trainer_simpo(cpo_trainer):
     logps = PolicyLogProbs(model)(ids, attention, completion)
     mask = completion[:, 1:].to(F64)
     assert len({int(x) for x in mask[:n].sum(-1)}) > 1  # responses of different lengths: averaging matters
-    out = _loss("simpo", **params)(_inputs(logps[:n], logps[n:], mask[:n], mask[n:]))
+    # The gradient is the trainer's: coefficients on detached log-probs, -sum c lp backpropagated into the model.
+    out, _ = _through_coefficients(_loss("simpo", **params), _inputs(logps[:n], logps[n:], mask[:n], mask[n:]))
     _close(out.loss.item(), trl_loss.item())
     for metric in METRICS:
         _close(out.metrics[metric].mean().item(), trl_metrics[metric])
@@ -585,7 +765,6 @@ def test_simpo_equals_trl_cpo_trainer_simpo(cpo_trainer):
         _close(out.parts["loss/sft"].item(), trl_metrics["nll_loss"])
     else:
         assert trl_metrics["nll_loss"] == 0.0
-    out.loss.backward()
     ours = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert ours.keys() == trl_grads.keys() and ours
     for key, grad in trl_grads.items():
@@ -604,7 +783,7 @@ def test_reference_needs_are_declared():
 def test_reference_free_simpo_never_runs_a_reference_pass(tiny_model_dir, tmp_path, monkeypatch, loss,
                                                           expected_reference_passes):
     counts = {"reference_logps": 0, "reference_context": 0, "forward": 0}
-    original_ref, original_ctx, original_fwd = Trainer._reference_logps, Reference.context, PolicyLogProbs.forward
+    original_ref, original_ctx, original_fwd = Reference.log_probs, Reference.context, PolicyLogProbs.forward
 
     def counting_ref(self, *args, **kwargs):
         counts["reference_logps"] += 1
@@ -618,7 +797,7 @@ def test_reference_free_simpo_never_runs_a_reference_pass(tiny_model_dir, tmp_pa
         counts["forward"] += 1
         return original_fwd(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "_reference_logps", counting_ref)
+    monkeypatch.setattr(Reference, "log_probs", counting_ref)
     monkeypatch.setattr(Reference, "context", counting_ctx)
     monkeypatch.setattr(PolicyLogProbs, "forward", counting_fwd)
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", loss={"name": loss},
@@ -627,13 +806,15 @@ def test_reference_free_simpo_never_runs_a_reference_pass(tiny_model_dir, tmp_pa
                       logging={"progress_bar": False, "tensorboard": False})
     trainer = Trainer(recipe_from(raw))
     trainer.setup()
+    setup_forwards = counts["forward"]  # set-up's probe of the log-probs against the model's forward (no reference)
     records = [trainer.train_step(step) for step in range(2)]
     assert all(math.isfinite(r["loss"]) for r in records)
-    assert counts["reference_logps"] == expected_reference_passes, counts
+    assert counts["reference_logps"] == expected_reference_passes, counts  # set-up included
     assert counts["reference_context"] == expected_reference_passes, counts
-    assert counts["forward"] == 2 + expected_reference_passes, counts  # one policy forward per step
+    assert counts["forward"] - setup_forwards == 2 + expected_reference_passes, counts  # one policy forward per step
     if loss == "simpo":
-        assert trainer.reference.kind == "none" and trainer.ref_model is None and trainer.ref_cache is None
+        assert trainer.reference.kind == "none" and trainer.reference.model is None
+        assert trainer.step.reference_cache is None
 
 
 # ====================================================================================== 5. training

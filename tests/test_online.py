@@ -16,8 +16,9 @@ import yaml
 from helpers import recipe_from, tiny_recipe
 from posttrain.losses import register_loss
 from posttrain.losses.grpo import GRPOLoss
-from posttrain.online import completion_tensors, split_groups
+from posttrain.plan import split_groups
 from posttrain.rollout import Completion, HFGenerateEngine, RolloutRecord, SamplingParams, cut_at_stop
+from posttrain.steps.groups import completion_tensors
 from posttrain.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,15 +143,15 @@ SEEN: list[dict] = []
 
 @register_loss("test_inspecting_grpo")
 class InspectingGRPO(GRPOLoss):
-    """GRPO that records what the trainer fed it."""
+    """GRPO that records what the trainer fed it: the micro-batch's inputs and the step's global counts."""
 
-    def __call__(self, inputs):
+    def step_loss(self, inputs, counts):
         real = inputs.completion_weight > 0
         SEEN.append({"log_ratio": (inputs.logps - inputs.old()).abs().max().item() if inputs.old_logps is not None
                      else None, "groups": inputs.group_index[real].tolist(), "rows": int(real.sum()),
-                     "normaliser": inputs.normaliser, "advantages": inputs.advantages.clone(),
+                     "counts": counts, "advantages": inputs.advantages.clone(),
                      "rewards": inputs.rewards[real].tolist()})
-        return super().__call__(inputs)
+        return super().step_loss(inputs, counts)
 
 
 def test_grpo_trains_online_and_raises_heldout_greedy_pass_rate(tiny_model_dir, tmp_path):
@@ -185,8 +186,9 @@ def test_one_update_per_rollout_gives_a_ratio_of_exactly_one_and_whole_groups(ti
     for s in SEEN:
         counts = {g: s["groups"].count(g) for g in set(s["groups"])}
         assert set(counts.values()) == {4}  # whole groups of G = 4
-        assert s["normaliser"].sequences == 16  # global: all completions of the step
+        assert s["counts"].examples == 16  # global: all completions of the step
     assert sorted(g for s in SEEN for g in set(s["groups"])) == [0, 1, 2, 3]
+    assert len({s["counts"] for s in SEEN}) == 1  # one set of counts for the whole step (all micro-batches)
 
 
 def test_several_updates_per_rollout_use_the_old_policy(tiny_model_dir, tmp_path):
@@ -306,7 +308,7 @@ def test_kill_after_a_checkpoint_then_resume_restores_the_vade_sampler(tiny_mode
 
 # ------------------------------------------------------------------------------------------- shipped recipes
 def _online_recipes() -> list[str]:
-    from posttrain.config import load_recipe
+    from posttrain.recipe import load_recipe
     from posttrain.losses import build_loss
 
     names = []

@@ -23,7 +23,6 @@ from dataclasses import replace
 
 import torch.distributed as dist
 
-from posttrain.online import build_engine
 from posttrain.rollout import HFGenerateEngine
 
 
@@ -31,9 +30,12 @@ class UnequalLengths(HFGenerateEngine):
     """The HF engine, but process 1 always generates 4x as many tokens as process 0, so under ZeRO-3 the ranks
     run different numbers of forward passes."""
 
-    def __init__(self, trainer):
-        trainer.recipe.rollout.engine = "hf"
-        base = build_engine(trainer)
+    @classmethod
+    def from_context(cls, context):
+        return cls(context)
+
+    def __init__(self, context):
+        base = HFGenerateEngine.from_context(context)
         super().__init__(base.model_getter, base.pad_id, base.stop_ids, base.batch_size, base.gather, base.autocast)
         self.stop_ids = set()  # never stop early: lengths are exactly as set below
 
@@ -110,15 +112,15 @@ class SeededCompletions(GenerationEngine):
     """Completions that depend only on the prompt, its place in the group and the step, never on which
     process generates them or on the weights: 1-process and 2-process runs train on the same rollouts."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.eos = trainer.tokenizer.eos_token_id
+    def __init__(self, context):
+        self.context = context
+        self.eos = context.tokenizer.eos_token_id
 
     def generate(self, prompts, params):
         out, seen = [], {}
         for ids in prompts:
             k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
-            g = torch.Generator().manual_seed(hash((tuple(ids), k, self.trainer.current_step)) % 2**31)
+            g = torch.Generator().manual_seed(hash((tuple(ids), k, self.context.current_step())) % 2**31)
             length = int(torch.randint(2, params.max_new_tokens + 2, (1,), generator=g))
             tokens = torch.randint(200, 3000, (length,), generator=g).tolist()
             out.append(cut_at_stop(tokens[:length - 1] + [self.eos], {self.eos}, params.max_new_tokens))

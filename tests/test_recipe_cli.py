@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from helpers import tiny_recipe
-from posttrain.config import load_recipe
+from posttrain.recipe import load_recipe
 from posttrain.errors import ModelError, RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]

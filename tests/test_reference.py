@@ -70,7 +70,7 @@ def test_separate_reference_model_equals_adapter_off_for_the_same_weights(tiny_m
 def test_precomputed_reference_gives_the_same_trajectory(tiny_model_dir, tmp_path):
     _, live = _first_steps(_f64(tiny_model_dir, tmp_path, "a"), steps=3)
     trainer, cached = _first_steps(_f64(tiny_model_dir, tmp_path, "b", reference={"precompute": True}), steps=3)
-    assert trainer.ref_cache is not None and len(trainer.ref_cache) == len(trainer.train_pairs)
+    assert trainer.step.reference_cache is not None and len(trainer.step.reference_cache) == len(trainer.train_pairs)
     for a, b in zip(live, cached):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-10)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-8, abs=1e-14)

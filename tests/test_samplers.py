@@ -14,7 +14,8 @@ import json
 import numpy as np
 import pytest
 
-from posttrain.samplers import UniformSampler, VADESampler, build_sampler, information_gain, top_b
+from posttrain.errors import RecipeError
+from posttrain.samplers import SAMPLERS, UniformSampler, VADESampler, build_sampler, information_gain, top_b
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,12 +137,32 @@ def test_vade_samples_fewer_zero_variance_groups_than_uniform(seed):
 
 
 # ----------------------------------------------------------------------------------------------------
-# state_dict round trip
+# the registry: build_sampler checks names and params like a recipe's sampler section
+# ----------------------------------------------------------------------------------------------------
+
+def test_registry_and_build_sampler_checks_names_and_params():
+    assert {"uniform", "sequential", "vade"} <= set(SAMPLERS)
+    assert SAMPLERS["vade"] is VADESampler and SAMPLERS["uniform"] is UniformSampler
+    assert isinstance(build_sampler("vade", 8, seed=3, lambda1=0.5), VADESampler)
+    assert build_sampler("vade", 8, lambda1=0.5, lambda2=0.9).lambda1 == 0.5
+    assert build_sampler("uniform", 8, zero_variance_filter=True).zero_variance_filter
+    with pytest.raises(RecipeError, match="unknown sampler 'vades'.*Did you mean 'vade'"):
+        build_sampler("vades", 8)
+    with pytest.raises(RecipeError, match="sampler.params"):
+        build_sampler("vade", 8, lambda3=0.5)  # an unknown key
+    with pytest.raises(RecipeError, match="lambda1 and lambda2"):
+        build_sampler("vade", 8, lambda1=1.5)  # out of range: validate()
+    with pytest.raises(RecipeError, match="sampler.params"):
+        build_sampler("sequential", 8, zero_variance_filter=True)  # a param of another sampler
+
+
 def test_sequential_takes_the_file_order_and_wraps():
     sampler = build_sampler("sequential", 7)
     assert [sampler.select(3) for _ in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 0, 1]]
 
 
+# ----------------------------------------------------------------------------------------------------
+# state_dict round trip
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,params", [("vade", {}), ("uniform", {}), ("uniform", {"zero_variance_filter": True}),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA, make_tiny_model
 from helpers import recipe_from, tiny_recipe
 from posttrain.config import LossTerm
-from posttrain.core import Normaliser, PolicyLogProbs
+from posttrain.core import PolicyLogProbs, StepCounts, backward_through_coefficients
 from posttrain.data import phee
 from posttrain.data.readers import PreferenceRow
 from posttrain.data.token_weights import (TokenWeightConfig, completion_weights, diff_multipliers, lcs_membership,
@@ -47,14 +47,19 @@ def _spec_inputs(requires_grad=False):
     lp_l = _t(SPEC["rejected"]).requires_grad_(requires_grad)
     mask = torch.ones(1, 5, dtype=F64)
     w = _t(SPEC["weights"])
-    return PairLossInputs(lp_w, lp_l, mask, mask, Normaliser(1, 10, 5), torch.ones(1, dtype=F64),
-                          _t(SPEC["ref_chosen"]), _t(SPEC["ref_rejected"]), w, w.clone())
+    return PairLossInputs(lp_w, lp_l, mask, mask, torch.ones(1, dtype=F64), _t(SPEC["ref_chosen"]),
+                          _t(SPEC["ref_rejected"]), w, w.clone())
+
+
+SPEC_COUNTS = StepCounts(examples=1, tokens=5)  # one pair, five chosen tokens
 
 
 def test_spec_worked_example_float64():
     """Spec section 5's worked example, every intermediate value, to rtol 1e-9."""
     inputs = _spec_inputs(requires_grad=True)
-    out = build_loss([LossTerm(name="tabpo")])(inputs)  # the code defaults: beta 0.5, tau 0.66, lam 0.5
+    plugin = build_loss([LossTerm(name="tabpo")])  # the code defaults: beta 0.5, tau 0.66, lam 0.5
+    out = plugin.step_loss(inputs, SPEC_COUNTS)
+    assert plugin(inputs).loss.shape == (1,)  # the plug-in returns the paper loss per pair, unreduced
     # Independent arithmetic: w~ = w * n / sum w; s = sum(w~ lp) / n.
     w_tilde = [w * 5 / sum(SPEC["weights"]) for w in SPEC["weights"]]
     torch.testing.assert_close(normalised_weights(inputs.chosen_token_weights, inputs.chosen_mask)[0],
@@ -136,9 +141,11 @@ def _paper_loss(pc, pr, rc, rr, mc, mr, wc_raw, wr_raw, pair_weight, n_pairs, be
 
 
 def test_unified_core_gradient_equals_autograd_of_paper_formula():
-    """Through a real tiny model in float64: the plug-in's gradient (unified core, per-token
-    advantages) equals autograd of the paper formula to 1e-9; values agree to 1e-12. The gate
-    threshold is set at the median chosen log-prob, so some tokens are gated and some are not."""
+    """Through a real tiny model in float64: the plug-in's gradient through the unified core
+    (`backward_through_coefficients`: per-token coefficients c = -dL/dlp by autograd, then the
+    surrogate -sum c lp backpropagated through the model) equals autograd of the paper formula to
+    1e-9; values agree to 1e-12. The gate threshold is set at the median chosen log-prob, so some
+    tokens are gated and some are not."""
     model = make_tiny_model(VOCAB, dtype=F64, seed=1)
     g = torch.Generator().manual_seed(4)
     n, length, b = 6, 14, 3
@@ -157,19 +164,24 @@ def test_unified_core_gradient_equals_autograd_of_paper_formula():
         lp0 = PolicyLogProbs(model)(ids, attention, loss_mask)
     tau = math.exp(lp0[:b][mask[:b] > 0].median().item() + 1e-6)
     plugin = build_loss([LossTerm(name="tabpo", params={"beta": 0.7, "tau": tau, "lam": 0.8})])
-    normaliser = Normaliser(float(b - 1), mask.sum().item(), mask[:b].sum().item())
+    counts = StepCounts(examples=float(b - 1), tokens=mask[:b].sum().item())
 
     def run(use_plugin: bool):
         model.zero_grad()
         logps = PolicyLogProbs(model)(ids, attention, loss_mask)
         args = (logps[:b], logps[b:], ref[:b], ref[b:], mask[:b], mask[b:], raw[:b], raw[b:])
         if use_plugin:
-            loss = plugin(PairLossInputs(args[0], args[1], args[4], args[5], normaliser, pair_weight, args[2],
-                                         args[3], args[6], args[7])).loss
-            gate = None
+            def step_loss(leaves):
+                return plugin.step_loss(PairLossInputs(leaves["chosen_logps"], leaves["rejected_logps"], args[4],
+                                                       args[5], pair_weight, args[2], args[3], args[6], args[7]),
+                                        counts)
+
+            out, _ = backward_through_coefficients(step_loss, {"chosen_logps": args[0], "rejected_logps": args[1]},
+                                                   lambda surrogate: surrogate.backward())
+            loss, gate = out.loss, None
         else:
-            loss, gate = _paper_loss(*args, pair_weight, normaliser.sequences, 0.7, tau, 0.8)
-        loss.backward()
+            loss, gate = _paper_loss(*args, pair_weight, counts.examples, 0.7, tau, 0.8)
+            loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()], gate
 
     value_core, grads_core, _ = run(True)

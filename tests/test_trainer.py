@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from helpers import recipe_from, tiny_recipe, write_varied_pairs
-from posttrain.trainer import Trainer, shard_for_rank
+from posttrain.plan import shard_for_rank
+from posttrain.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tiny_model_di
     def write(name: str) -> Path:
         raw = tiny_recipe(tiny_model_dir, tmp_path / name, checkpoint={"every": 2, "keep_last": 5},
                           run={"output_dir": str(tmp_path / name), "seed": 3, "num_threads": 1,
-                               "deterministic": True},
+                               "deterministic": True, "callbacks": ["tests.callbacks:EnvProbes"]},
                           train={"max_steps": 6, "batch_size": 8, "micro_batch_size": 4},
                           data={"heldout": None}, logging={"tensorboard": False, "progress_bar": False})
         path = tmp_path / f"{name}.yaml"
@@ -189,23 +190,23 @@ def test_resume_refuses_a_changed_recipe(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_a_nan_loss_stops_or_skips_the_step(tiny_model_dir, tmp_path, policy):
     from posttrain.errors import PosttrainError
-    from posttrain.losses import LossOutput
+    from posttrain.core import StepLoss
 
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", data={"heldout": None},
                       train={"batch_size": 8, "micro_batch_size": 4, "on_nonfinite": policy},
                       logging={"progress_bar": False, "tensorboard": False})
     trainer = Trainer(recipe_from(raw))
     trainer.setup()
-    real_loss = trainer.loss
+    real_loss = trainer.step.loss
 
     class PoisonedLoss:
         needs_reference = real_loss.needs_reference
 
-        def __call__(self, inputs):
-            out = real_loss(inputs)
-            return LossOutput(out.loss * float("nan"), out.metrics, out.parts)
+        def step_loss(self, inputs, counts):
+            out = real_loss.step_loss(inputs, counts)
+            return StepLoss(out.loss * float("nan"), out.metrics, out.parts)
 
-    trainer.loss = PoisonedLoss()
+    trainer.step.loss = PoisonedLoss()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     if policy == "stop":
         with pytest.raises(PosttrainError, match=r"step 1: the loss is nan.*builtin:tiny/train row"):
@@ -216,7 +217,7 @@ def test_a_nan_loss_stops_or_skips_the_step(tiny_model_dir, tmp_path, policy):
         if n in before:
             assert torch.equal(p, before[n]), n  # no update was applied
     if policy == "skip":
-        trainer.loss = real_loss
+        trainer.step.loss = real_loss
         assert "skipped" not in trainer.train_step(1)
         assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from posttrain.config import DataSource, load_recipe  # noqa: E402
+from posttrain.config import DataSource  # noqa: E402
+from posttrain.recipe import load_recipe  # noqa: E402
 from posttrain.data.sources import load_pairs  # noqa: E402
 from posttrain.trainer import Trainer  # noqa: E402
 

@@ -20,7 +20,7 @@ import yaml
 
 from _harness import ROOT, merge, parse_args, save, table, tiny_model_dir
 
-from posttrain.config import load_recipe
+from posttrain.recipe import load_recipe
 from posttrain.trainer import Trainer
 
 RECIPE = ROOT / "recipes" / "grpo_smollm2_addition.yaml"

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from _harness import ROOT, base_recipe, merge, parse_args, save, table
 
-from posttrain.config import DataSource, load_recipe
+from posttrain.config import DataSource
+from posttrain.recipe import load_recipe
 from posttrain.core import PolicyLogProbs
-from posttrain.data.collate import collate_pairs
+from posttrain.data.layout import build_pair_rows
 from posttrain.data.phee import build_pairs, read_phee
 from posttrain.data.sources import load_pairs
 from posttrain.data.token_weights import token_offsets
@@ -52,7 +53,7 @@ def measure(model: PolicyLogProbs, pairs, tokenizer, pad_id: int) -> dict:
     margins, correct = [], []
     model.eval()
     for pair in pairs:
-        batch = collate_pairs([pair], pad_id)
+        batch = build_pair_rows([pair], pad_id).as_batch()
         logps = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).double()
         mask = batch["loss_mask"][:, 1:].bool()
         chosen, rejected = logps[0][mask[0]], logps[1][mask[1]]

@@ -19,7 +19,7 @@ import yaml
 
 from _harness import ROOT, mean_std, merge, parse_args, save, table, tiny_model_dir
 
-from posttrain.config import load_recipe
+from posttrain.recipe import load_recipe
 from posttrain.trainer import Trainer
 
 RECIPE = ROOT / "recipes" / "grpo_smollm2_addition.yaml"

@@ -4,9 +4,17 @@ Only positions whose next token is a completion token are sent through the outpu
 chunks, each under activation checkpointing: the tensors saved for backward are the chunk's hidden
 states (tokens x hidden), never logits (tokens x vocabulary). Convention (spec section 0): the
 log-prob at label position t is computed from the hidden state at t-1.
+
+Models whose forward post-processes the output layer's logits are handled as their forward does:
+Cohere's `logit_scale` (logits * scale) and Gemma 2/3's `final_logit_softcapping` (cap * tanh(logits / cap)).
+`check_against_forward` compares the result with `model(...).logits` on a probe batch at set-up, so a
+model whose forward does anything else is refused instead of trained on wrong log-probs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +22,32 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+@dataclass(frozen=True)
+class LogitProcessing:
+    """What a model's forward does to the output layer's logits (from its config)."""
+
+    scale: Optional[float] = None  # Cohere: logits * logit_scale
+    softcap: Optional[float] = None  # Gemma 2/3: cap * tanh(logits / cap)
+
+    @classmethod
+    def of(cls, config) -> "LogitProcessing":
+        text = getattr(config, "get_text_config", lambda: config)()
+        return cls(getattr(text, "logit_scale", None), getattr(text, "final_logit_softcapping", None))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
 def _chunk_logprobs(output_layer: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
+                    temperature: float, processing: LogitProcessing = LogitProcessing()) -> torch.Tensor:
     logits = output_layer(hidden)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    logits = processing(logits)
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -26,15 +55,17 @@ def _chunk_logprobs(output_layer: nn.Module, hidden: torch.Tensor, targets: torc
 
 
 def chunked_token_logprobs(output_layer: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                           temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
-    """log softmax(output_layer(hidden) / temperature)[targets], for hidden [M, H] and targets [M]."""
+                           temperature: float = 1.0, chunk_size: int = 1024,
+                           processing: LogitProcessing = LogitProcessing()) -> torch.Tensor:
+    """log softmax(processing(output_layer(hidden)) / temperature)[targets], for hidden [M, H] and targets [M]."""
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logprobs, output_layer, h, t, temperature, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logprobs, output_layer, h, t, temperature, processing,
+                                     use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(output_layer, h, t, temperature))
+            pieces.append(_chunk_logprobs(output_layer, h, t, temperature, processing))
     if not pieces:
         return hidden.new_zeros(0, dtype=torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16)
                                 else hidden.dtype)
@@ -42,12 +73,12 @@ def chunked_token_logprobs(output_layer: nn.Module, hidden: torch.Tensor, target
 
 
 def token_entropy(output_layer: nn.Module, hidden: torch.Tensor, temperature: float = 1.0,
-                  chunk_size: int = 1024) -> torch.Tensor:
+                  chunk_size: int = 1024, processing: LogitProcessing = LogitProcessing()) -> torch.Tensor:
     """Full-distribution entropy (nats) at each row of hidden [M, H], without gradient."""
     out = []
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = output_layer(hidden[start:start + chunk_size]).float() / temperature
+            logits = processing(output_layer(hidden[start:start + chunk_size]).float()) / temperature
             logp = F.log_softmax(logits, dim=-1)
             out.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(out) if out else hidden.new_zeros(0)
@@ -72,6 +103,7 @@ class PolicyLogProbs(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.processing = LogitProcessing.of(_base_model(model).config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, loss_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, temperature: float = 1.0,
@@ -84,9 +116,39 @@ class PolicyLogProbs(nn.Module):
         target_mask = loss_mask[:, 1:].bool()
         selected = hidden[:, :-1][target_mask]
         targets = input_ids[:, 1:][target_mask]
-        logps = chunked_token_logprobs(output_layer, selected, targets, temperature, self.chunk_size)
+        logps = chunked_token_logprobs(output_layer, selected, targets, temperature, self.chunk_size, self.processing)
         dense = logps.new_zeros(target_mask.shape).masked_scatter(target_mask, logps)
         if not return_entropy:
             return dense
-        entropy = token_entropy(output_layer, selected.detach(), temperature, self.chunk_size)
+        entropy = token_entropy(output_layer, selected.detach(), temperature, self.chunk_size, self.processing)
         return dense, entropy.new_zeros(target_mask.shape).masked_scatter(target_mask, entropy)
+
+
+PROBE_TOLERANCE = 1e-4  # nats, per token, float32: only summation order may differ from the model's forward
+
+
+@torch.no_grad()
+def check_against_forward(logprobs: PolicyLogProbs, device: torch.device, length: int = 12) -> float:
+    """The largest per-token difference between these log-probs and log_softmax(model(...).logits) on a
+    seeded probe batch of `length` tokens. Raises ValueError (with the gap) beyond PROBE_TOLERANCE: the
+    model's forward does something to its logits that posttrain does not reproduce."""
+    base = _base_model(logprobs.model)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (2, length), generator=generator, device="cpu").to(device)
+    mask = torch.ones_like(ids)
+    was_training = base.training
+    base.eval()
+    try:
+        ours = logprobs(ids, mask, mask).float()
+        logits = logprobs.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    finally:
+        base.train(was_training)
+    theirs = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    gap = float((ours - theirs).abs().max())
+    if not gap <= PROBE_TOLERANCE:
+        raise ValueError(f"its log-probs computed from the decoder and output layer differ from its own forward's "
+                         f"logits by up to {gap:.3g} nats per token (tolerance {PROBE_TOLERANCE:g}): its forward "
+                         f"post-processes the logits in a way posttrain does not reproduce (known: logit_scale, "
+                         f"final_logit_softcapping)")
+    return gap

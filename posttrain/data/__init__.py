@@ -3,6 +3,5 @@ the tokenisation contract, built-in generated tasks, and collation."""
 
 from posttrain.data.readers import PreferenceRow, load_preference_rows
 from posttrain.data.tokenize import TokenizedPair, tokenize_pairs
-from posttrain.data.collate import collate_pairs
 
-__all__ = ["PreferenceRow", "TokenizedPair", "collate_pairs", "load_preference_rows", "tokenize_pairs"]
+__all__ = ["PreferenceRow", "TokenizedPair", "load_preference_rows", "tokenize_pairs"]

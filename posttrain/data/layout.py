@@ -28,16 +28,33 @@ no loss knows the layout. The values are those of the plain path up to float sum
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from posttrain.data.collate import pad_sequences
 from posttrain.data.tokenize import TokenizedPair
 
+HOST = torch.device("cpu")  # rows are built here from token lists, then moved once (SequenceRows.to)
 PROMPT = 0  # branch of the shared prompt; response j of a segment has branch j (1, 2, ...)
+
+
+def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int):
+    """(input_ids, attention_mask, loss_mask) for (prompt, completion) sequences, right-padded; the loss
+    mask is 1 on completion tokens."""
+    length = max(len(a) + len(b) for a, b in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long, device=HOST)
+    attention_mask = torch.zeros((n, length), dtype=torch.long, device=HOST)
+    loss_mask = torch.zeros((n, length), dtype=torch.long, device=HOST)
+    for i, (prompt, completion) in enumerate(sequences):
+        seq = prompt + completion
+        input_ids[i, :len(seq)] = torch.tensor(seq, device=HOST)
+        attention_mask[i, :len(seq)] = 1
+        loss_mask[i, len(prompt):len(seq)] = 1
+    return input_ids, attention_mask, loss_mask
 
 
 @dataclass
@@ -61,9 +78,18 @@ class SequenceRows:
         return self.input_ids, self.attention_mask, self.loss_mask, self.position_ids
 
     def as_batch(self) -> dict:
-        """The model inputs by name (what `Trainer._reference_logps` takes)."""
+        """The model inputs by name."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "loss_mask": self.loss_mask,
                 "position_ids": self.position_ids}
+
+    def to(self, device: torch.device) -> "SequenceRows":
+        """The same rows with every tensor on `device`: the one place a micro-batch is moved. Rows are built on
+        the host (from token lists) and moved once, with non-blocking copies."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return type(self)(**moved)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Per-position values [n, W-1] -> [N, T] per completion token (differentiable), zero off the completions."""
@@ -133,48 +159,48 @@ def build_sequence_rows(sequences: list[tuple[list[int], list[int]]], pad_id: in
     n, W = len(rows), max(sum(lengths[s] for s in row) for row in rows)
 
     N, T = len(sequences), max(1, max(len(c) for _, c in sequences))
-    completion_at = torch.zeros((N, T), dtype=torch.long)
-    completion_mask = torch.zeros((N, T), dtype=torch.float32)
+    completion_at = torch.zeros((N, T), dtype=torch.long, device=HOST)
+    completion_mask = torch.zeros((N, T), dtype=torch.float32, device=HOST)
     if not custom:
         input_ids, attention_mask, loss_mask = pad_sequences(sequences, pad_id)
         position_ids = None
         W = input_ids.shape[1]
     else:
-        input_ids = torch.full((n, W), pad_id, dtype=torch.long)
-        position_ids = torch.zeros((n, W), dtype=torch.long)
-        segment = torch.full((n, W), -1, dtype=torch.long)
-        branch = torch.full((n, W), -1, dtype=torch.long)
-        loss_mask = torch.zeros((n, W), dtype=torch.long)
+        input_ids = torch.full((n, W), pad_id, dtype=torch.long, device=HOST)
+        position_ids = torch.zeros((n, W), dtype=torch.long, device=HOST)
+        segment = torch.full((n, W), -1, dtype=torch.long, device=HOST)
+        branch = torch.full((n, W), -1, dtype=torch.long, device=HOST)
+        loss_mask = torch.zeros((n, W), dtype=torch.long, device=HOST)
     for r, row in enumerate(rows):
         offset = 0
         for s in row:
             ids, positions, branches, starts = segments[s]
             L = len(ids)
             if custom:
-                input_ids[r, offset:offset + L] = torch.tensor(ids)
-                position_ids[r, offset:offset + L] = torch.tensor(positions)
-                branch[r, offset:offset + L] = torch.tensor(branches)
+                input_ids[r, offset:offset + L] = torch.tensor(ids, device=HOST)
+                position_ids[r, offset:offset + L] = torch.tensor(positions, device=HOST)
+                branch[r, offset:offset + L] = torch.tensor(branches, device=HOST)
                 segment[r, offset:offset + L] = s
             for i, start in starts:
                 first, C = offset + start, len(sequences[i][1])  # row position of the completion's first token
                 if custom:
                     loss_mask[r, first:first + C] = 1
                 # token at row position t is scored at log-prob column t - 1
-                completion_at[i, :C] = r * (W - 1) + torch.arange(first - 1, first - 1 + C)
+                completion_at[i, :C] = r * (W - 1) + torch.arange(first - 1, first - 1 + C, device=HOST)
                 completion_mask[i, :C] = 1.0
             offset += L
 
     if custom:
-        causal = torch.ones((W, W), dtype=torch.bool).tril()
+        causal = torch.ones((W, W), dtype=torch.bool, device=HOST).tril()
         sq, sk = segment[:, :, None], segment[:, None, :]
         bq, bk = branch[:, :, None], branch[:, None, :]
         allowed = causal[None] & (sq == sk) & (sq >= 0) & ((bk == PROMPT) | (bk == bq))
-        allowed |= torch.eye(W, dtype=torch.bool)[None] & (sq < 0)
+        allowed |= torch.eye(W, dtype=torch.bool, device=HOST)[None] & (sq < 0)
         allowed = allowed[:, None]  # [n, 1, q, k]
         if attention == "sdpa":
             attention_mask = allowed
         else:  # eager attention adds the mask to the scores
-            attention_mask = torch.zeros(allowed.shape, dtype=mask_dtype).masked_fill(~allowed,
+            attention_mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=HOST).masked_fill(~allowed,
                                                                                      torch.finfo(mask_dtype).min)
     return SequenceRows(input_ids, attention_mask, loss_mask, position_ids, completion_at, completion_mask,
                         real_tokens=sum(lengths), total_positions=int(input_ids.numel()))
@@ -220,9 +246,9 @@ def shared_length(pair: TokenizedPair) -> int:
 
 
 def _response_tensors(values: list[list[float]], width: int, dtype) -> torch.Tensor:
-    out = torch.zeros((len(values), width), dtype=dtype)
+    out = torch.zeros((len(values), width), dtype=dtype, device=HOST)
     for b, v in enumerate(values):
-        out[b, :len(v)] = torch.tensor(v, dtype=dtype)
+        out[b, :len(v)] = torch.tensor(v, dtype=dtype, device=HOST)
     return out
 
 

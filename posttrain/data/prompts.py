@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 
 from posttrain.data.readers import InvalidRow, handle_invalid, is_messages, parse_records, write_skipped_rows
 from posttrain.errors import DataError, RecipeError
-from posttrain.rewards.example import PromptExample
+from posttrain.examples import PromptExample
 
 __all__ = ["PROMPT_FORMATS", "PromptExample", "detect_prompt_format", "load_prompt_examples"]
 

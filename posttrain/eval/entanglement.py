@@ -22,6 +22,7 @@ import torch
 
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.eval.ranking import separate_rows
+from posttrain.zero import zero_stage
 
 
 def entanglement_metrics(g_w: torch.Tensor, g_l: torch.Tensor, d_w: float = 1.0, d_l: float = 1.0,
@@ -67,11 +68,12 @@ def gradient_entanglement(logprob_model, pairs: list[TokenizedPair], pad_id: int
         raise ValueError("gradient_entanglement: the model has no trainable parameters")
     params = [p for _, p in named]
     sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    batch = separate_rows(sequences, pad_id)
+    device = next(iter(params)).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in separate_rows(sequences, pad_id).items()}
     was_training = logprob_model.training
     logprob_model.eval()
     try:
-        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+        with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             logps = logprob_model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             sums = logps.float().sum(-1) if logps.dtype == torch.bfloat16 else logps.sum(-1)
             k = len(pairs)
@@ -90,16 +92,6 @@ def gradient_entanglement(logprob_model, pairs: list[TokenizedPair], pad_id: int
     return out
 
 
-def _zero_stage(accelerator) -> int:
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    if plugin is None:
-        return 0
-    stage = getattr(plugin, "zero_stage", None)
-    if stage is None:
-        stage = (getattr(plugin, "deepspeed_config", None) or {}).get("zero_optimization", {}).get("stage", 0)
-    return int(stage or 0)
-
-
 def entanglement_due(eval_cfg, done: int) -> bool:
     """Whether the diagnostic runs after step `done`: every `eval.entanglement_every` steps
     (null: every `eval.every` steps; 0: never)."""
@@ -109,23 +101,26 @@ def entanglement_due(eval_cfg, done: int) -> bool:
     return bool(every) and done % every == 0
 
 
-def log_entanglement(trainer, step: int) -> Optional[dict]:
-    """Run the diagnostic on the trainer's fixed diagnostic batch and write it to the metrics as
-    `entanglement/...`: the first `eval.entanglement_pairs` held-out pairs (training pairs when there is
-    no held-out split). Under DeepSpeed ZeRO-3 the parameters are partitioned over processes; the
-    diagnostic is switched off there, with a message, once."""
-    acc = trainer.accelerator
-    if _zero_stage(acc) >= 3:
-        if acc.is_main_process and not getattr(trainer, "_entanglement_off_said", False):
-            trainer._entanglement_off_said = True
-            trainer.log.warning("gradient-entanglement diagnostic switched off: under DeepSpeed ZeRO-3 each process "
-                                "holds a shard of the parameters; set eval.entanglement_every: 0 to silence this.")
-        return None
-    if not acc.is_main_process:  # every process holds the same parameters; one computes and logs
-        return None
-    k = trainer.recipe.eval.entanglement_pairs
-    pairs = (trainer.heldout_pairs or trainer.train_pairs)[:k]
-    model = acc.unwrap_model(trainer.model)
-    result = gradient_entanglement(model, pairs, trainer.pad_id, autocast_bf16=trainer.recipe.train.bf16)
-    trainer.metrics.write(step, result, prefix="entanglement")
-    return result
+class EntanglementDiagnostic:
+    """The diagnostic on a fixed batch during training, written to the metrics as `entanglement/...`: the first
+    `eval.entanglement_pairs` held-out pairs (training pairs without a held-out split). Under DeepSpeed ZeRO-3
+    the parameters are partitioned over processes; the diagnostic is switched off there, with a message, once."""
+
+    def __init__(self, accelerator, model, pairs: list[TokenizedPair], pad_id: int, bf16: bool, metrics, log):
+        self.accelerator, self.model, self.pairs, self.pad_id = accelerator, model, pairs, pad_id
+        self.bf16, self.metrics, self.log = bf16, metrics, log
+        self.said_off = False
+
+    def __call__(self, step: int) -> Optional[dict]:
+        acc = self.accelerator
+        if (zero_stage(acc) or 0) >= 3:
+            if acc.is_main_process and not self.said_off:
+                self.said_off = True
+                self.log.warning("gradient-entanglement diagnostic switched off: under DeepSpeed ZeRO-3 each process "
+                                 "holds a shard of the parameters; set eval.entanglement_every: 0 to silence this.")
+            return None
+        if not acc.is_main_process:  # every process holds the same parameters; one computes and logs
+            return None
+        result = gradient_entanglement(acc.unwrap_model(self.model), self.pairs, self.pad_id, autocast_bf16=self.bf16)
+        self.metrics.write(step, result, prefix="entanglement")
+        return result

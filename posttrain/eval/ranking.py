@@ -27,8 +27,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.data.collate import pad_sequences
-from posttrain.data.layout import build_pair_rows, shared_length
+from posttrain.data.layout import build_pair_rows, pad_sequences, shared_length
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.eval.metrics import TIE_THRESHOLD, normalised_ranking_correct, ranking_correct
 
@@ -162,6 +161,13 @@ def model_dtype(logprob_model) -> torch.dtype:
     return torch.float32
 
 
+def model_device(logprob_model) -> torch.device:
+    """Where the model's weights are (its inputs go there); the host for a callable without parameters."""
+    for p in logprob_model.parameters() if hasattr(logprob_model, "parameters") else []:
+        return p.device
+    return torch.device("cpu")
+
+
 def separate_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     """One row per (prompt, completion) sequence, right-padded, with the usual 2-D mask."""
     input_ids, attention_mask, loss_mask = pad_sequences(sequences, pad_id)
@@ -174,13 +180,14 @@ def separate_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> 
 
 
 def _forward(logprob_model, batch: dict, autocast_bf16: bool) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-        if "position_ids" in batch:
-            logps = logprob_model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                  batch["position_ids"])
-        else:
-            logps = logprob_model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-    return logps.double()
+    """Per-token log-probs of one batch, computed where the model is, returned on the host in float64."""
+    device = model_device(logprob_model)
+    inputs = [batch[k].to(device) for k in ("input_ids", "attention_mask", "loss_mask")]
+    if batch.get("position_ids") is not None:
+        inputs.append(batch["position_ids"].to(device))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        logps = logprob_model(*inputs)
+    return logps.double().cpu()
 
 
 def batches(lengths: list[int], batch_size: int, max_padding: Optional[float] = None) -> list[list[int]]:
@@ -234,9 +241,7 @@ def score_pairs(logprob_model, pairs: list[TokenizedPair], pad_id: int, batch_si
             for index in batches(lengths, batch_size, max_padding):
                 layout_rows = build_pair_rows([pairs[i] for i in index], pad_id, share_prompt=True,
                                               attention=attention, mask_dtype=dtype)
-                input_ids, attention_mask, loss_mask, position_ids = layout_rows.model_inputs()
-                logps = _forward(logprob_model, {"input_ids": input_ids, "attention_mask": attention_mask,
-                                                 "loss_mask": loss_mask, "position_ids": position_ids}, autocast_bf16)
+                logps = _forward(logprob_model, layout_rows.as_batch(), autocast_bf16)
                 chosen_logps, rejected_logps = layout_rows.split(logps)
                 chosen[index], rejected[index] = chosen_logps.sum(-1), rejected_logps.sum(-1)
                 passes, real = passes + 1, real + layout_rows.real_tokens

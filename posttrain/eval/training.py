@@ -4,12 +4,12 @@ report written to `<output_dir>/eval/` (report.json, pairs.jsonl, summary.md, pl
 accuracy over the steps so far against R*).
 
 The reference's held-out log-probs do not change during training; they are computed once and kept.
-Each process scores an equal shard of the pairs; the scores are gathered on every process.
+Each process scores an equal round-robin shard of the pairs; the scores are gathered on every process.
 """
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -18,70 +18,57 @@ import torch
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.eval.metrics import flat_metrics
 from posttrain.eval.ranking import PairScores, choose_layout, score_pairs
+from posttrain.plan import round_robin
 
 
-class TrainerReference:
-    """The trainer's reference as a log-prob callable for `score_pairs`: the separate reference model,
-    or the policy inside the reference context (adapters off, or the frozen starting adapter). A loss
-    without a reference still gets one with LoRA: the policy with its adapters switched off."""
+class ReferenceScorer:
+    """The run's reference as a log-prob callable for `score_pairs` (posttrain.models.Reference, used inside
+    the policy or as the separate scorer), with the parameters and mode of the model it runs on."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    @staticmethod
-    def available(trainer) -> bool:
-        return trainer.ref_model is not None or trainer.reference.kind in ("adapter_off", "reference_adapter") or \
-            (trainer.reference.kind == "none" and trainer.recipe.lora.enabled)
+    def __init__(self, model, peft_model, reference):
+        self.model, self.peft_model, self.reference = model, peft_model, reference
 
     @property
     def module(self):  # lets score_pairs find the transformers config
-        return self.trainer.ref_model if self.trainer.ref_model is not None else self.trainer.model
+        return self.reference.scorer if self.reference.scorer is not None else self.model
 
     @property
     def training(self) -> bool:
-        return self.trainer.model.training
+        return self.model.training
 
     def eval(self):
-        self.trainer.model.eval()
+        self.model.eval()
         return self
 
     def train(self, mode: bool = True):
-        self.trainer.model.train(mode)
+        self.model.train(mode)
         return self
 
     def parameters(self):
         return self.module.parameters()
 
     def __call__(self, input_ids, attention_mask, loss_mask, position_ids=None):
-        t = self.trainer
-        if t.ref_model is not None:
-            return t.ref_model(input_ids, attention_mask, loss_mask, position_ids)
-        context = (t.peft_model.disable_adapter() if t.reference.kind == "none"
-                   else t.reference.context(t.peft_model))
-        with context:
-            return t.model(input_ids, attention_mask, loss_mask, position_ids)
+        return self.reference.log_probs(self.model, self.peft_model(), input_ids, attention_mask, loss_mask,
+                                        position_ids)
 
 
-def sharded_scores(trainer, pairs: list[TokenizedPair], logprob_model, layout: str) -> PairScores:
-    """Like Trainer.score, for any log-prob callable: each process scores an equal shard (padded with
-    repeats, so every process runs the same number of forward passes), then all are gathered."""
-    acc = trainer.accelerator
-    world, rank = trainer.world, trainer.rank
+def sharded_scores(accelerator, pairs: list[TokenizedPair], logprob_model, layout: str, pad_id: int,
+                   batch_size: int, progress: bool, bf16: bool) -> PairScores:
+    """Each process scores an equal round-robin shard of the pairs (padded with repeats, so every process runs
+    the same number of forward passes), then all are gathered."""
+    world, rank = accelerator.num_processes, accelerator.process_index
     n = len(pairs)
-    per_rank = math.ceil(n / world)
-    mine = list(range(rank, n, world))
-    mine += [0] * (per_rank - len(mine))
-    local = score_pairs(logprob_model, [pairs[i] for i in mine], trainer.pad_id, trainer.recipe.eval.batch_size,
-                        progress=acc.is_main_process and trainer.recipe.logging.progress_bar,
-                        autocast_bf16=trainer.recipe.train.bf16, layout=layout)
+    mine = round_robin(range(n), rank, world, filler=0)
+    local = score_pairs(logprob_model, [pairs[i] for i in mine], pad_id, batch_size,
+                        progress=progress and accelerator.is_main_process, autocast_bf16=bf16, layout=layout)
     stacked = torch.stack([local.chosen_logps, local.rejected_logps])
     if world > 1:
-        stacked = acc.gather(stacked.T.contiguous().to(acc.device)).cpu().T
-        order = [i for r in range(world)
-                 for i in (list(range(r, n, world)) + [-1] * (per_rank - len(range(r, n, world))))]
+        stacked = accelerator.gather(stacked.T.contiguous().to(accelerator.device)).cpu().T
+        order = [i for r in range(world) for i in round_robin(range(n), r, world, filler=-1)]
     else:
         order = mine
-    chosen, rejected = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    chosen = torch.zeros(n, dtype=torch.float64, device="cpu")
+    rejected = torch.zeros(n, dtype=torch.float64, device="cpu")
     for pos, i in enumerate(order):
         if i >= 0 and pos < stacked.shape[1]:
             chosen[i], rejected[i] = stacked[0, pos], stacked[1, pos]
@@ -89,57 +76,73 @@ def sharded_scores(trainer, pairs: list[TokenizedPair], logprob_model, layout: s
                       torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.float64), local.stats)
 
 
-def loss_beta(trainer) -> float:
+def loss_beta(loss_terms, loss) -> float:
     """The DPO-style beta of the run's loss (for difficulty thresholds and the DPO loss), else 0.1."""
-    for term in trainer.recipe.loss:
+    for term in loss_terms:
         if "beta" in (term.params or {}):
             return float(term.params["beta"])
-    beta = getattr(getattr(trainer.loss, "params", None), "beta", None)
+    beta = getattr(getattr(loss, "params", None), "beta", None)
     return float(beta) if isinstance(beta, (int, float)) and beta > 0 else 0.1
 
 
-def _current_step(trainer) -> int:
-    return int(getattr(trainer.scheduler, "last_epoch", 0))
+class HeldoutRanking:
+    """Every section-11 number on the held-out pairs, as flat scalars, at any step of a run. Keeps the row
+    layout and the reference's scores (they do not change during training) between calls."""
 
+    def __init__(self, accelerator, model, peft_model, reference, pairs: list[TokenizedPair], pad_id: int, recipe,
+                 loss, tokenizer, output_dir: Path):
+        self.accelerator, self.model, self.pairs, self.pad_id = accelerator, model, pairs, pad_id
+        self.recipe, self.loss, self.tokenizer, self.output_dir = recipe, loss, tokenizer, Path(output_dir)
+        self.reference = reference.for_evaluation(recipe.lora.enabled)
+        self.reference_scorer = ReferenceScorer(model, peft_model, self.reference)
+        self.layout = choose_layout(model, pairs, recipe.eval.layout) if pairs else None
+        self.reference_scores: Optional[PairScores] = None
+        self.scored_reference = False
 
-def heldout_evaluation(trainer) -> Optional[dict]:
-    """The body of Trainer.evaluate: every section-11 number on the held-out pairs, as flat scalars."""
-    from posttrain.eval.api import build_report, pair_alphas, training_history
+    def scores(self, logprob_model) -> PairScores:
+        return self._scores(self.pairs, logprob_model, self.layout)
 
-    if not trainer.heldout_pairs:
-        return None
-    cfg = trainer.recipe.eval
-    state = trainer.__dict__.setdefault("_ranking_eval", {})
-    pairs = trainer.heldout_pairs
-    if "layout" not in state:
-        state["layout"] = choose_layout(trainer.model, pairs, cfg.layout)
-    policy = sharded_scores(trainer, pairs, trainer.model, state["layout"])
-    if "reference" not in state:
-        if _current_step(trainer) == 0 and trainer.reference.kind in ("adapter_off", "reference_adapter"):
-            # Before the first update the policy is its reference (fresh LoRA is the identity; a
-            # starting adapter is its own frozen copy): no second pass.
-            state["reference"] = policy
-        else:
-            state["reference"] = (sharded_scores(trainer, pairs, TrainerReference(trainer), state["layout"])
-                                  if TrainerReference.available(trainer) else None)
-    reference = state["reference"]
-    alpha = pair_alphas(pairs, cfg.alpha)
-    step = _current_step(trainer)
-    inputs = {"model": trainer.recipe.model.name_or_path, "adapter": None, "step": step,
-              "reference": None if reference is None else f"the run's reference ({trainer.reference.kind})",
-              "data": "data.heldout", "format": trainer.recipe.data.template,
-              "max_length": trainer.recipe.data.max_length, "alpha_source": f"pairs' alpha field, else {cfg.alpha:g}"}
-    report, records = build_report(pairs, policy, reference, alpha, inputs, betas=cfg.betas, eps=cfg.alpha_eps,
-                                   tie_threshold=cfg.tie_threshold, dpo_beta=loss_beta(trainer),
-                                   bootstrap=cfg.bootstrap, seed=trainer.recipe.run.seed, reference_is_policy=False,
-                                   tokenizer=trainer.tokenizer if cfg.report else None)
-    flat = flat_metrics(report["metrics"])
-    if policy.stats is not None:
-        flat["pairs_per_second"] = policy.stats.pairs_per_second
-    if cfg.report and trainer.accelerator.is_main_process:
-        from posttrain.eval.report import write_report
+    def scores_of(self, pairs: list[TokenizedPair]) -> PairScores:
+        """The current policy's scores of any pairs (benchmarks' and claims' own sets)."""
+        return self._scores(pairs, self.model, choose_layout(self.model, pairs, self.recipe.eval.layout))
 
-        history = [h for h in training_history(trainer.output_dir) if h["step"] != step]
-        history = sorted(history + [{"step": step, **flat}], key=lambda h: h["step"])
-        write_report(trainer.output_dir / "eval", report, records, history if len(history) > 1 else None)
-    return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in flat.items()}
+    def _scores(self, pairs, logprob_model, layout) -> PairScores:
+        return sharded_scores(self.accelerator, pairs, logprob_model, layout, self.pad_id, self.recipe.eval.batch_size,
+                              self.recipe.logging.progress_bar, self.recipe.train.bf16)
+
+    def __call__(self, step: int) -> Optional[dict]:
+        from posttrain.eval.api import build_report, pair_alphas, training_history
+
+        if not self.pairs:
+            return None
+        cfg, pairs = self.recipe.eval, self.pairs
+        policy = self.scores(self.model)
+        if not self.scored_reference:
+            self.scored_reference = True
+            if step == 0 and self.reference.kind in ("adapter_off", "reference_adapter"):
+                # Before the first update the policy is its reference (fresh LoRA is the identity; a
+                # starting adapter is its own frozen copy): no second pass.
+                self.reference_scores = policy
+            elif self.reference.available:
+                self.reference_scores = self.scores(self.reference_scorer)
+        reference = self.reference_scores
+        inputs = {"model": self.recipe.model.name_or_path, "adapter": None, "step": step,
+                  "reference": None if reference is None else f"the run's reference ({self.reference.kind})",
+                  "data": "data.heldout", "format": self.recipe.data.template,
+                  "max_length": self.recipe.data.max_length,
+                  "alpha_source": f"pairs' alpha field, else {cfg.alpha:g}"}
+        report, records = build_report(pairs, policy, reference, pair_alphas(pairs, cfg.alpha), inputs,
+                                       betas=cfg.betas, eps=cfg.alpha_eps, tie_threshold=cfg.tie_threshold,
+                                       dpo_beta=loss_beta(self.recipe.loss, self.loss), bootstrap=cfg.bootstrap,
+                                       seed=self.recipe.run.seed, reference_is_policy=False,
+                                       tokenizer=self.tokenizer if cfg.report else None)
+        flat = flat_metrics(report["metrics"])
+        if policy.stats is not None:
+            flat["pairs_per_second"] = policy.stats.pairs_per_second
+        if cfg.report and self.accelerator.is_main_process:
+            from posttrain.eval.report import write_report
+
+            history = [h for h in training_history(self.output_dir) if h["step"] != step]
+            history = sorted(history + [{"step": step, **flat}], key=lambda h: h["step"])
+            write_report(self.output_dir / "eval", report, records, history if len(history) > 1 else None)
+        return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in flat.items()}

@@ -1,8 +1,11 @@
-"""The loss plug-in interface: typed inputs, one output type, and a registry.
+"""The loss plug-in interface: typed inputs, one output type, and the registry.
 
-A plug-in declares what it needs (`needs_reference`), what its normaliser counts (`level`:
-"sequence" or "token") and what data it trains on (`data_kind`: "pairs" or "groups"). The trainer
-asks these questions; it never names a loss.
+A plug-in writes its paper loss and nothing else (docs/custom_losses.md). It declares what it needs
+(`needs_reference`), what it trains on (`data_kind`: "pairs" or "groups") and its `level`: a
+"sequence" loss returns one value per example [B], a "token" loss one value per token [B, T]. The core
+(posttrain.core.unified) aggregates them with the step's global counts, derives the per-token
+coefficients c_t = -dL/dlp_t by autograd and backpropagates them through the model. The trainer asks
+these questions; it never names a loss.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from typing import ClassVar, Optional
 
 import torch
 
-from posttrain.core.unified import Normaliser, policy_gradient_surrogate
+from posttrain.core.unified import StepCounts, StepLoss, aggregate
 from posttrain.params import WithParams
+from posttrain.registry import Registry
 
 
 @dataclass
@@ -22,14 +26,14 @@ class PairLossInputs:
 
     Per-token tensors are [B, T], zero where the mask is zero; masks are 1 on completion tokens
     (EOS included) and 0 on prompt and padding. `pair_weight` is 1 for real pairs and 0 for rows
-    that only fill a micro-batch (they must add nothing to the loss or the metrics).
+    that only fill a micro-batch (the core gives them no weight). `extras` holds per-pair values
+    from the data rows (name -> [B] tensor: any numeric field of the row beside the standard ones).
     """
 
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
     chosen_mask: torch.Tensor
     rejected_mask: torch.Tensor
-    normaliser: Normaliser
     pair_weight: torch.Tensor
     ref_chosen_logps: Optional[torch.Tensor] = None
     ref_rejected_logps: Optional[torch.Tensor] = None
@@ -37,38 +41,65 @@ class PairLossInputs:
     rejected_token_weights: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
 
+    LOGPS: ClassVar[tuple[str, ...]] = ("chosen_logps", "rejected_logps")  # what the core differentiates
+
+    @property
+    def example_weight(self) -> torch.Tensor:
+        return self.pair_weight
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """The tokens a token-level pair loss scores: the chosen (demonstration) response's."""
+        return self.chosen_mask
+
 
 @dataclass
 class LossOutput:
-    """`loss`: this micro-batch's share of the step loss (globally normalised; its value is the paper
-    loss, its gradient may come from the unified core). `metrics`: per-pair values [B] (detached),
-    averaged by the trainer over the real pairs of the step. `parts`: further globally normalised
-    shares (loss components), summed by the trainer like `loss`."""
+    """What a plug-in returns for one micro-batch. `loss`: the paper loss per example [B] (level
+    "sequence") or per token [B, T] (level "token"), before any averaging. `metrics`: per-example values
+    [B], averaged over the real examples of the step. `parts`: named components shaped like `loss`,
+    aggregated like it and logged. `direct`: an optional scalar term outside the completion log-probs,
+    already normalised for the step, that the core backpropagates as it is."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    direct: Optional[torch.Tensor] = None
 
 
 class LossPlugin(WithParams):
     """Base class of every loss. Subclass it, give `Params` (a dataclass of hyperparameters with the
-    paper's defaults) and `__call__`, and register it with `@register_loss("name")`, or reference it
-    from a recipe as `my_module:MyLoss`."""
+    paper's defaults), `level` and `__call__`, and register it with `@register_loss("name")`, or
+    reference it from a recipe as `my_module:MyLoss`."""
 
     name: ClassVar[str] = ""
     needs_reference: bool = True
-    level: ClassVar[str] = "sequence"
+    level: str = "sequence"
     data_kind: ClassVar[str] = "pairs"
     needs_sampling_entropy: ClassVar[bool] = False  # groups: per-token entropy of the sampling policy (GTPO)
-
 
     def prepare_pairs(self, pairs: list, tokenizer) -> list:
         """Called once on the tokenised training and held-out pairs, before training. A loss that needs
         per-token weights (TAB-PO) sets `pair.chosen_weights` / `pair.rejected_weights` here."""
         return pairs
 
-    def __call__(self, inputs: PairLossInputs) -> LossOutput:
+    def __call__(self, inputs) -> LossOutput:
         raise NotImplementedError  # abstractmethod: every plug-in defines it
+
+    def step_loss(self, inputs, counts: StepCounts) -> StepLoss:
+        """This micro-batch's share of the step loss, aggregated by `level` with the step's global counts."""
+        out = self(inputs)
+
+        def reduce(values: torch.Tensor) -> torch.Tensor:
+            return aggregate(values, self.level, inputs.example_weight.to(values.dtype),
+                             inputs.token_mask.to(values.dtype), counts)
+
+        return StepLoss(reduce(out.loss), out.metrics, {name: reduce(v) for name, v in out.parts.items()},
+                        out.direct)
+
+
+LOSSES = Registry("loss", LossPlugin, "or give your own as 'module.path:ClassName'")
+register_loss = LOSSES.register
 
 
 def sequence_sums(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,19 +110,6 @@ def sequence_sums(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def sequence_means(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A(y) = S(y) / sum_t m_t (spec section 0); 0 for an empty row."""
     return sequence_sums(logps, mask) / mask.sum(-1).clamp(min=1)
-
-
-def pair_surrogate(inputs: PairLossInputs, adv_w: torch.Tensor, adv_l: torch.Tensor,
-                   normaliser: float) -> torch.Tensor:
-    """The unified-core surrogate (spec section 10) with pi_ref = pi_theta for a pairwise loss: advantages
-    adv_w on chosen tokens and adv_l on rejected tokens, per pair [B] or per token [B, T], zero-weight
-    rows removed. Its gradient is -sum_t A_t grad lp_t / normaliser."""
-    weight = inputs.pair_weight
-    adv_w = (adv_w * weight)[:, None] if adv_w.dim() == 1 else adv_w * weight[:, None]
-    adv_l = (adv_l * weight)[:, None] if adv_l.dim() == 1 else adv_l * weight[:, None]
-    return (policy_gradient_surrogate(inputs.chosen_logps, inputs.chosen_logps, adv_w, inputs.chosen_mask, normaliser)
-            + policy_gradient_surrogate(inputs.rejected_logps, inputs.rejected_logps, adv_l, inputs.rejected_mask,
-                                        normaliser))
 
 
 def preference_metrics(reward_w: torch.Tensor, reward_l: torch.Tensor, logps_w: torch.Tensor,
@@ -110,9 +128,9 @@ def preference_metrics(reward_w: torch.Tensor, reward_l: torch.Tensor, logps_w: 
 
 
 def reference_sums(inputs: PairLossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_ref(y_w), S_ref(y_l), or zeros when the loss runs without a reference."""
+    """S_ref(y_w), S_ref(y_l) (detached), or zeros when the loss runs without a reference."""
     if inputs.ref_chosen_logps is None:
         zeros = inputs.chosen_logps.new_zeros(inputs.chosen_logps.shape[0])
         return zeros, zeros
-    return (sequence_sums(inputs.ref_chosen_logps, inputs.chosen_mask),
-            sequence_sums(inputs.ref_rejected_logps, inputs.rejected_mask))
+    return (sequence_sums(inputs.ref_chosen_logps, inputs.chosen_mask).detach(),
+            sequence_sums(inputs.ref_rejected_logps, inputs.rejected_mask).detach())

@@ -25,8 +25,8 @@ It needs at least two prompts in the rollout batch (A_glob's std over prompts); 
 Defaults are the shipped run script's (run_copo.sh): k = 5, b = 1, soft-with-zero, reward_coef_flg
 false, clip 0.2 / 0.2, no KL. (The function defaults in core_algos.py are k = 1, b = 0.5.)
 
-Gradient through the unified core: pi_ref = pi_old, each advantage with its own 1_stable (the
-dual-clip indicator), scaled by its blend weight and 1/|o_i|.
+Sequence level (each completion's token mean); the core's coefficients follow each advantage's
+dual-clip branch, scaled by its blend weight and 1/|o_i|.
 
 Differences from the code: entropy is computed exactly (the code adds 1e-8 inside log2, in float32);
 `not_zero` is always taken from the rewards (in verl it is only filled when
@@ -42,10 +42,9 @@ from typing import Literal
 
 import torch
 
-from posttrain.core.unified import policy_gradient_surrogate, with_value
-from posttrain.losses.base import LossOutput, LossPlugin
-from posttrain.losses.group import GroupLossInputs, RolloutBatch, completion_lengths, group_ids, ppo_clip
-from posttrain.losses.registry import register_loss
+from posttrain.losses.base import LossOutput, register_loss
+from posttrain.losses.group import (GroupLoss, GroupLossInputs, RolloutBatch, completion_lengths, group_ids,
+                                    per_completion, ppo_clip)
 
 GLOBAL_FLAGS = ("soft-with-zero", "only-soft", "soft-with-forced", "only-zero", "only-forced", "only-global",
                 "no-global", "only-soft-with-coef")
@@ -59,9 +58,7 @@ def answer_entropy_bits(answers) -> float:
 
 
 @register_loss("copo")
-class COPOLoss(LossPlugin):
-    needs_reference = False
-    data_kind = "groups"
+class COPOLoss(GroupLoss):
     level = "sequence"
     advantage_columns = ("local", "global", "local_weight")
 
@@ -144,18 +141,11 @@ class COPOLoss(LossPlugin):
         w_glob = 1 - w_loc
         if p.global_flg == "only-soft-with-coef":
             w_glob = w_glob * p.global_loss_coef
-        old = inputs.old()
-        ratio = torch.exp(lp - old)
-        loss_g, stable_g = ppo_clip(ratio, a_glob, p.epsilon, p.epsilon_high, p.clip_ratio_c)
-        loss_l, stable_l = ppo_clip(ratio, a_loc, p.epsilon, p.epsilon_high, p.clip_ratio_c)
+        ratio = torch.exp(inputs.log_ratio())
+        loss_g, _ = ppo_clip(ratio, a_glob, p.epsilon, p.epsilon_high, p.clip_ratio_c)
+        loss_l, _ = ppo_clip(ratio, a_loc, p.epsilon, p.epsilon_high, p.clip_ratio_c)
         token_loss = w_glob * loss_g + w_loc * loss_l  # w_loc is 1 for no-global, 0 for only-global
-        row = (inputs.completion_weight.to(lp.dtype) / completion_lengths(mask))[:, None]
-        weight = mask * row  # seq-mean-token-mean: token mean per completion, mean over the step
-        norm = inputs.normaliser.sequences
-        value = (token_loss * weight).sum() / norm
-        surrogate = (policy_gradient_surrogate(lp, old, (w_glob * a_glob).expand_as(lp), weight, norm, stable_g)
-                     + policy_gradient_surrogate(lp, old, (w_loc * a_loc).expand_as(lp), weight, norm, stable_l))
-        per_completion = ((token_loss * mask).sum(-1) / completion_lengths(mask)).detach()
-        metrics = {"copo/completion_loss": per_completion, "copo/local_weight": w_loc[:, 0],
+        values, _ = per_completion(token_loss, mask, "seq_mean_token_mean")
+        metrics = {"copo/completion_loss": values.detach(), "copo/local_weight": w_loc[:, 0],
                    "copo/global_advantage": a_glob[:, 0], "copo/local_advantage": a_loc[:, 0]}
-        return LossOutput(with_value(value, surrogate), metrics)
+        return LossOutput(values, metrics)

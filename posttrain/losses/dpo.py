@@ -4,10 +4,9 @@
     sigmoid: L = -(1-eps) logsigmoid(beta h) - eps logsigmoid(-beta h)  (eps = label_smoothing, cDPO)
     ipo:     L = (h_ipo - 1/(2 beta))^2,  h_ipo = (S_w - S_ref,w)/|y_w| - (S_l - S_ref,l)/|y_l|
 
-Gradient through the unified core (spec section 10): pi_ref = pi_theta, no mask, and the
-sequence-level advantage A = -dL/dS on every chosen token and +dL/dS... on rejected tokens, i.e.
-+beta sigma(-beta h) and -beta sigma(-beta h) for plain DPO. The normaliser is the number of pairs
-in the optimiser step (sequence-level).
+Sequence level: one loss per pair, averaged over the pairs of the optimiser step by the core. Its
+coefficients (spec section 10, by autograd) are c = +beta sigma(-beta h) on every chosen token and
+-beta sigma(-beta h) on every rejected token for plain DPO.
 """
 
 from __future__ import annotations
@@ -15,13 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 
-from posttrain.core.unified import with_value
-from posttrain.losses.base import (LossOutput, LossPlugin, PairLossInputs, pair_surrogate, preference_metrics,
-                                   reference_sums, sequence_sums)
-from posttrain.losses.registry import register_loss
+from posttrain.losses.base import (LossOutput, LossPlugin, PairLossInputs, preference_metrics, reference_sums,
+                                   register_loss, sequence_sums)
 
 
 @register_loss("dpo")
@@ -51,23 +47,13 @@ class DPOLoss(LossPlugin):
         s_w = sequence_sums(inputs.chosen_logps, inputs.chosen_mask)
         s_l = sequence_sums(inputs.rejected_logps, inputs.rejected_mask)
         r_w, r_l = reference_sums(inputs) if self.needs_reference else (s_w.new_zeros(s_w.shape),) * 2
-        r_w, r_l = r_w.detach(), r_l.detach()
         if p.loss_type == "sigmoid":
             h = (s_w - s_l) - (r_w - r_l)
             eps = p.label_smoothing
             per_pair = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-            dloss_dh = -beta * ((1 - eps) * torch.sigmoid(-beta * h) - eps * torch.sigmoid(beta * h))
-            adv_w, adv_l = -dloss_dh, dloss_dh  # per token: dh/dlp_t = +1 on y_w, -1 on y_l
         else:
             n_w = inputs.chosen_mask.sum(-1).clamp(min=1)
             n_l = inputs.rejected_mask.sum(-1).clamp(min=1)
             h_ipo = (s_w - r_w) / n_w - (s_l - r_l) / n_l
             per_pair = (h_ipo - 1 / (2 * beta)) ** 2
-            dloss_dh = 2 * (h_ipo - 1 / (2 * beta))
-            adv_w, adv_l = -dloss_dh / n_w, dloss_dh / n_l
-        weight = inputs.pair_weight
-        n = inputs.normaliser.sequences
-        surrogate = pair_surrogate(inputs, adv_w, adv_l, n)
-        loss = with_value((weight * per_pair).sum() / n, surrogate)
-        metrics = preference_metrics(beta * (s_w - r_w), beta * (s_l - r_l), s_w, s_l)
-        return LossOutput(loss, metrics)
+        return LossOutput(per_pair, preference_metrics(beta * (s_w - r_w), beta * (s_l - r_l), s_w, s_l))

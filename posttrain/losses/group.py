@@ -8,22 +8,28 @@ A group loss trains on G sampled completions per prompt. It works in two stages:
    advantage need every completion. It returns one row per completion: `[N]` (one advantage per
    completion), `[N, T]` (per token, GTPO) or `[N, K]` (a plug-in's own columns, COPO). The trainer
    treats the tensor as opaque per-completion data: it only slices rows (dim 0) into micro-batches.
-2. `plugin(inputs: GroupLossInputs) -> LossOutput` runs per micro-batch and returns that micro-batch's
-   share of the step loss, globally normalised (spec section 0 / core.unified), whose value is the
-   paper loss and whose gradient comes from `policy_gradient_surrogate` (the PPO clip indicator is
-   the stabilisation mask 1_stable; pi_old is the reference denominator; KL terms use pi_ref = pi_theta).
+2. `plugin(inputs: GroupLossInputs) -> LossOutput` runs per micro-batch and returns the paper loss per
+   completion [N] (level "sequence") or per token [N, T] (level "token"); the core aggregates it with
+   the step's global counts and derives the coefficients by autograd (posttrain.core.unified).
+
+Estimator, policy loss and aggregation are three choices, as in verl: the advantage estimator is a
+registered `AdvantageEstimator` (recipe key `rollout.advantage_estimator`, or the loss's default), the
+policy loss is the plug-in, and `per_completion` is the one aggregation of per-token losses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
-from posttrain.core.unified import Normaliser
+from posttrain.losses.base import LossPlugin
+from posttrain.registry import Registry
 
 SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+LOG_RATIO_CLAMP = 20.0  # |log pi_theta - log pi_old| is clamped here before exp (an overflow guard, not a trust region)
 
 
 @dataclass
@@ -64,20 +70,18 @@ class RolloutBatch:
 class GroupLossInputs:
     """Per-token inputs of a group loss for one micro-batch of N completions (whole groups).
 
-    `logps [N, T]` log pi_theta of the completion tokens (with grad); `mask [N, T]` 1 on completion
-    tokens (EOS included), 0 on padding; `old_logps` log pi_old of the sampling policy (None =
-    on-policy: one update per rollout batch, i.e. `logps.detach()`, ratio exactly 1); `ref_logps`
-    log pi_ref (None unless the loss needs a reference); `advantages` this micro-batch's rows of what
-    `compute_advantages` returned on the whole rollout batch; `normaliser` global counts of the
-    optimiser step (sequences = completions, tokens = completion tokens, over all micro-batches and
-    processes); `completion_weight [N]` 1 for real completions, 0 for rows that only fill a
-    micro-batch. Optional: `entropy [N, T]`, `token_ids [N, T]`, `group_index [N]`, `rewards [N]`.
+    `logps [N, T]` log pi_theta of the completion tokens; `mask [N, T]` 1 on completion tokens (EOS
+    included), 0 on padding; `old_logps` log pi_old of the sampling policy (None = on-policy: one
+    update per rollout batch, i.e. `logps.detach()`, ratio exactly 1); `ref_logps` log pi_ref (None
+    unless the loss needs a reference); `advantages` this micro-batch's rows of what
+    `compute_advantages` returned on the whole rollout batch; `completion_weight [N]` 1 for real
+    completions, 0 for rows that only fill a micro-batch. Optional: `entropy [N, T]`, `token_ids
+    [N, T]`, `group_index [N]`, `rewards [N]`, `extras` (per-completion values from the prompt rows).
     """
 
     logps: torch.Tensor
     mask: torch.Tensor
     advantages: torch.Tensor
-    normaliser: Normaliser
     completion_weight: torch.Tensor
     old_logps: Optional[torch.Tensor] = None
     ref_logps: Optional[torch.Tensor] = None
@@ -87,9 +91,59 @@ class GroupLossInputs:
     rewards: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
 
+    LOGPS: ClassVar[tuple[str, ...]] = ("logps",)  # what the core differentiates
+
+    @property
+    def example_weight(self) -> torch.Tensor:
+        return self.completion_weight
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        return self.mask
+
     def old(self) -> torch.Tensor:
         """log pi_old, detached (logps.detach() when on-policy)."""
         return self.logps.detach() if self.old_logps is None else self.old_logps.detach()
+
+    def log_ratio(self) -> torch.Tensor:
+        """log pi_theta - log pi_old per token, clamped to +-LOG_RATIO_CLAMP before any exp."""
+        return (self.logps - self.old()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def per_completion(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str,
+                   max_length: Optional[int] = None) -> tuple[torch.Tensor, str]:
+    """The one aggregation of a per-token group loss (verl's loss_agg_mode): (values, level) for the core.
+
+    token_mean: the per-token losses as they are (level token: averaged over the step's completion tokens);
+    seq_mean_token_mean: each completion's token mean (level sequence);
+    seq_mean_token_sum_norm: each completion's token sum / max_length (Dr. GRPO's constant; level sequence)."""
+    mask = mask.to(per_token.dtype)
+    if aggregation == "token_mean":
+        return per_token * mask, "token"
+    if aggregation == "seq_mean_token_mean":
+        return (per_token * mask).sum(-1) / completion_lengths(mask), "sequence"
+    if aggregation == "seq_mean_token_sum_norm":
+        return (per_token * mask).sum(-1) / max_length, "sequence"
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+class GroupLoss(LossPlugin):
+    """Base class of group (online RL) losses: `compute_advantages` on the whole rollout batch, then the
+    per-micro-batch loss. No reference unless a subclass asks (a KL term). `accepts_estimator`: the
+    recipe's `rollout.advantage_estimator` may replace `default_estimator`."""
+
+    data_kind: ClassVar[str] = "groups"
+    needs_reference: bool = False
+    accepts_estimator: ClassVar[bool] = False
+    default_estimator: ClassVar[Optional[str]] = None
+
+    def use_estimator(self, name: Optional[str]) -> None:
+        """Choose the advantage estimator by registered name (None: the loss's default)."""
+        name = name or self.default_estimator
+        self.estimator = ADVANTAGE_ESTIMATORS.get(name)() if name else None
+
+    def compute_advantages(self, batch: "RolloutBatch") -> torch.Tensor:
+        raise NotImplementedError  # abstractmethod: every group loss defines it
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,3 +236,64 @@ def as_token_tensor(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     if advantages.shape != like.shape:
         raise ValueError(f"per-token advantages must be [N, T] = {tuple(like.shape)}, got {tuple(advantages.shape)}")
     return advantages
+
+
+# ----------------------------------------------------------------------------------------------------
+# advantage estimators (recipe: rollout.advantage_estimator)
+# ----------------------------------------------------------------------------------------------------
+
+class AdvantageEstimator:
+    """One advantage per completion [N] from the whole rollout batch's rewards and groups."""
+
+    name: ClassVar[str] = ""
+    eps: ClassVar[float] = 1e-4  # TRL's std guard
+
+    def __call__(self, batch: "RolloutBatch") -> torch.Tensor:
+        raise NotImplementedError  # abstractmethod: every estimator defines it
+
+
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator", AdvantageEstimator)
+
+
+@ADVANTAGE_ESTIMATORS.register("group_mean")
+class GroupMean(AdvantageEstimator):
+    """A = r - mean_group(r) (Dr. GRPO; GTPO)."""
+
+    def __call__(self, batch):
+        return group_normalised_advantages(batch.rewards, batch.group_index, "none", self.eps)
+
+
+@ADVANTAGE_ESTIMATORS.register("group_mean_std")
+class GroupMeanStd(AdvantageEstimator):
+    """A = (r - mean_group(r)) / (std_group(r) + 1e-4), Bessel-corrected std (GRPO, TRL's default)."""
+
+    def __call__(self, batch):
+        return group_normalised_advantages(batch.rewards, batch.group_index, "group", self.eps)
+
+
+@ADVANTAGE_ESTIMATORS.register("batch_std")
+class BatchStd(AdvantageEstimator):
+    """A = (r - mean_group(r)) / (std over the whole rollout batch + 1e-4) (TRL's scale_rewards="batch")."""
+
+    def __call__(self, batch):
+        return group_normalised_advantages(batch.rewards, batch.group_index, "batch", self.eps)
+
+
+@ADVANTAGE_ESTIMATORS.register("leave_one_out")
+class LeaveOneOut(AdvantageEstimator):
+    """A_i = r_i - mean_{j != i in i's group} r_j (RLOO, Ahmadian et al. 2024); 0 for a group of one."""
+
+    def __call__(self, batch):
+        rewards = batch.rewards.detach()
+        sizes = group_sizes(batch.group_index).to(rewards.dtype)
+        sums = group_mean(rewards, batch.group_index) * sizes
+        others = (sums - rewards) / (sizes - 1).clamp(min=1)
+        return torch.where(sizes > 1, rewards - others, torch.zeros_like(rewards))
+
+
+@ADVANTAGE_ESTIMATORS.register("none")
+class RawReward(AdvantageEstimator):
+    """A = r (REINFORCE without a baseline)."""
+
+    def __call__(self, batch):
+        return batch.rewards.detach().clone()

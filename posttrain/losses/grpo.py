@@ -25,10 +25,12 @@ sequences or tokens, divided by the accumulation steps); only `dapo` divides by 
 loss; they differ only in TRL under accumulation or several processes. For one micro-batch on one
 process posttrain equals TRL 1.16 for all four (tested to 1e-9).
 
-Gradient through the unified core (spec section 10): the PPO term with pi_ref = pi_old, A per token
-and 1_stable = the clip indicator (the branch of the min that follows rho); the KL term with
-pi_ref = pi_theta (or pi_old with the bias correction) and A = -beta dKL/dlp. Sequence-level
-importance sampling uses the GSPO denominator pi_theta * (pi_old / pi_theta)^(1/|o|).
+The aggregation is `per_completion` (posttrain.losses.group): grpo = seq_mean_token_mean, bnpo and dapo =
+token_mean, dr_grpo = seq_mean_token_sum_norm. The core derives the coefficients by autograd (spec
+section 10): c_t = 1_stable rho_t A on unclipped tokens (the branch of the min that follows rho), plus
+the KL term's -beta dKL/dlp; sequence-level importance sampling (GSPO) spreads each completion's
+clipped term over its tokens. The advantage estimator follows `scale_rewards` (group: group_mean_std,
+batch: batch_std, none: group_mean) unless the recipe's `rollout.advantage_estimator` names another.
 
 Defaults are TRL 1.16's: beta 0.0 (no reference pass), epsilon 0.2, epsilon_high = epsilon,
 scale_rewards "group", loss_type "dapo", use_bias_correction_kl True. DAPO's paper settings are
@@ -42,17 +44,19 @@ from typing import Literal, Optional
 
 import torch
 
-from posttrain.core.unified import policy_gradient_surrogate, with_value
-from posttrain.losses.base import LossOutput, LossPlugin
-from posttrain.losses.group import (GroupLossInputs, RolloutBatch, as_token_tensor, completion_lengths,
-                                    group_normalised_advantages, ppo_clip)
-from posttrain.losses.registry import register_loss
+from posttrain.losses.base import LossOutput, register_loss
+from posttrain.losses.group import (GroupLoss, GroupLossInputs, RolloutBatch, as_token_tensor, completion_lengths,
+                                    per_completion, ppo_clip)
+
+AGGREGATION = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
+               "dr_grpo": "seq_mean_token_sum_norm"}
+ESTIMATOR = {"group": "group_mean_std", "batch": "batch_std", "none": "group_mean"}
 
 
 @register_loss("grpo")
-class GRPOLoss(LossPlugin):
-    data_kind = "groups"
+class GRPOLoss(GroupLoss):
     level = "token"
+    accepts_estimator = True
 
     @dataclass
     class Params:
@@ -79,75 +83,40 @@ class GRPOLoss(LossPlugin):
     def __init__(self, params=None):
         super().__init__(params)
         self.needs_reference = self.params.beta > 0
-        self.level = "token" if self.params.loss_type in ("bnpo", "dapo") else "sequence"
+        self.aggregation = AGGREGATION[self.params.loss_type]
+        self.level = "token" if self.aggregation == "token_mean" else "sequence"
+        self.default_estimator = ESTIMATOR[self.params.scale_rewards]
+        self.use_estimator(None)
 
     def compute_advantages(self, batch: RolloutBatch) -> torch.Tensor:
-        """One advantage per completion [N] (group baseline, TRL's std scaling)."""
-        return group_normalised_advantages(batch.rewards, batch.group_index, self.params.scale_rewards)
-
-    def _aggregation(self, inputs: GroupLossInputs) -> tuple[torch.Tensor, float]:
-        """Per-row token coefficient [N, 1] and the global normaliser."""
-        p, n = self.params, inputs.normaliser
-        w = inputs.completion_weight.to(inputs.logps.dtype)[:, None]
-        if p.loss_type == "grpo":
-            return w / completion_lengths(inputs.mask)[:, None], n.sequences
-        if p.loss_type in ("bnpo", "dapo"):
-            return w, n.tokens
-        return w, n.sequences * p.max_completion_length  # dr_grpo
+        """One advantage per completion [N] from the estimator (group baseline, TRL's std scaling by default)."""
+        return self.estimator(batch)
 
     def __call__(self, inputs: GroupLossInputs) -> LossOutput:
         p = self.params
         lp, mask = inputs.logps, inputs.mask.to(inputs.logps.dtype)
-        old = inputs.old()
         adv = as_token_tensor(inputs.advantages, lp)
         eps_high = p.epsilon if p.epsilon_high is None else p.epsilon_high
-        row, norm = self._aggregation(inputs)
-        weight = mask * row  # W_it: the token's coefficient in the step sum (before / norm)
-
-        log_ratio = lp - old
-        if p.importance_sampling_level == "token":
-            log_w = log_ratio
-        else:  # GSPO: one ratio per sequence, exp of the mean token log-ratio
-            log_w = ((log_ratio * mask).sum(-1) / completion_lengths(mask))[:, None]
-        coef = torch.exp(log_w)
-        pg_token, stable = ppo_clip(coef, adv, p.epsilon, eps_high)
-        pg_value = (pg_token * weight).sum() / norm
-
-        if p.importance_sampling_level == "token":
-            pg_surrogate = policy_gradient_surrogate(lp, old, adv.expand_as(lp), weight, norm, stable)
-            denominator = old
-        else:
-            # d/dlp_s of sum_t W_t l_t(coef) = -coef * m_s / |o| * sum_t W_t 1_stable A_t: the core with
-            # pi_ref = pi_theta (pi_old / pi_theta)^(1/|o|), i.e. lp_ref = lp - log coef (detached).
-            denominator = lp.detach() - log_w.detach()
-            seq_adv = (weight * stable * adv).sum(-1, keepdim=True) / completion_lengths(mask)[:, None]
-            pg_surrogate = policy_gradient_surrogate(lp, denominator, seq_adv.expand_as(lp), mask, norm)
-
+        log_ratio = inputs.log_ratio()
+        if p.importance_sampling_level == "sequence":  # GSPO: one ratio per sequence, exp of the mean token log-ratio
+            log_ratio = ((log_ratio * mask).sum(-1) / completion_lengths(mask))[:, None].expand_as(lp)
+        coef = torch.exp(log_ratio)
+        per_token, _ = ppo_clip(coef, adv, p.epsilon, eps_high)
         metrics = self._clip_metrics(coef, adv, mask, p.epsilon, eps_high)
-        value, surrogate = pg_value, pg_surrogate
         parts = {}
         if p.beta > 0:
             if inputs.ref_logps is None:
                 raise ValueError("GRPO with beta > 0 needs ref_logps (the reference policy's log-probs).")
             d = inputs.ref_logps.detach() - lp
             kl = torch.exp(d) - d - 1  # k3, >= 0
-            dkl = 1 - torch.exp(d.detach())  # dKL/dlp
-            if not p.use_bias_correction_kl:
-                kl_value = p.beta * (kl * weight).sum() / norm
-                kl_surrogate = policy_gradient_surrogate(lp, lp, -p.beta * dkl, weight, norm)
-            else:
-                kl_value = p.beta * (kl * coef * weight).sum() / norm
-                if p.importance_sampling_level == "token":  # d(KL rho)/dlp = rho (dKL + KL)
-                    kl_adv = -p.beta * (dkl + kl.detach())
-                    kl_surrogate = policy_gradient_surrogate(lp, denominator, kl_adv, weight, norm)
-                else:  # d/dlp_s sum_t W_t KL_t coef = coef (W_s dKL_s + m_s / |o| sum_t W_t KL_t)
-                    spread = (weight * kl.detach()).sum(-1, keepdim=True) / completion_lengths(mask)[:, None]
-                    kl_adv = -p.beta * (weight * dkl + spread)
-                    kl_surrogate = policy_gradient_surrogate(lp, denominator, kl_adv, mask, norm)
-            value, surrogate = value + kl_value, surrogate + kl_surrogate
+            kl_term = p.beta * kl * (coef if p.use_bias_correction_kl else 1.0)
+            parts = {"loss/policy": self._aggregate(per_token, mask), "loss/kl": self._aggregate(kl_term, mask)}
+            per_token = per_token + kl_term
             metrics["kl"] = ((kl * mask).sum(-1) / completion_lengths(mask)).detach()
-            parts = {"loss/policy": pg_value.detach(), "loss/kl": kl_value.detach()}
-        return LossOutput(with_value(value, surrogate), metrics, parts)
+        return LossOutput(self._aggregate(per_token, mask), metrics, parts)
+
+    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return per_completion(per_token, mask, self.aggregation, self.params.max_completion_length)[0]
 
     @staticmethod
     def _clip_metrics(coef, adv, mask, eps_low, eps_high) -> dict[str, torch.Tensor]:

@@ -24,8 +24,8 @@ is on-policy: rho = exp(lp - lp.detach())); off-policy rows get the plain ratio 
 The README formula also has no `/n_conf`: `reduction: mean, divide_by_n_conflict: false`.
 The README's delta_i gate on the initial entropy <H>_ini is not in the code and not implemented.
 
-Gradient through the unified core with pi_ref = pi_old (= pi_theta on-policy), no mask, and
-A_t = A'_i lambda_{i,t} / n_conf_i / |o_i| times the reduction's coefficient.
+Sequence level (loss_i, times G_i for `sum`); the core's coefficients are
+c_t = rho_t A'_i lambda_{i,t} / n_conf_i / |o_i| times the reduction's weight.
 """
 
 from __future__ import annotations
@@ -35,11 +35,9 @@ from typing import Literal
 
 import torch
 
-from posttrain.core.unified import policy_gradient_surrogate, with_value
-from posttrain.losses.base import LossOutput, LossPlugin
-from posttrain.losses.group import (GroupLossInputs, RolloutBatch, completion_lengths, group_ids, group_mean,
-                                    group_sizes)
-from posttrain.losses.registry import register_loss
+from posttrain.losses.base import LossOutput, register_loss
+from posttrain.losses.group import (GroupLoss, GroupLossInputs, RolloutBatch, completion_lengths, group_ids,
+                                    group_mean, group_sizes)
 
 
 def _shared_runs(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -99,9 +97,7 @@ def conflict_weights(token_ids: torch.Tensor, mask: torch.Tensor, advantages: to
 
 
 @register_loss("gtpo")
-class GTPOLoss(LossPlugin):
-    needs_reference = False
-    data_kind = "groups"
+class GTPOLoss(GroupLoss):
     level = "sequence"
     needs_sampling_entropy = True
 
@@ -146,23 +142,16 @@ class GTPOLoss(LossPlugin):
         return out
 
     def __call__(self, inputs: GroupLossInputs) -> LossOutput:
-        p = self.params
         lp, mask = inputs.logps, inputs.mask.to(inputs.logps.dtype)
         adv = inputs.advantages.detach().to(lp.dtype)
         if adv.dim() == 1:
             adv = adv[:, None].expand_as(lp)
-        weight = inputs.completion_weight.to(lp.dtype)
-        if p.reduction == "sum":
-            if inputs.group_index is None:
-                raise ValueError("GTPO reduction 'sum' sums each group's completions: GroupLossInputs.group_index "
-                                 "is needed.")
-            weight = weight * group_sizes(inputs.group_index, weight).to(lp.dtype)
-        old = inputs.old()
-        ratio = torch.exp(lp - old)
-        lengths = completion_lengths(mask)
-        per_completion = -(mask * adv * ratio).sum(-1) / lengths  # the code's loss_i
-        norm = inputs.normaliser.sequences
-        value = (weight * per_completion).sum() / norm
-        surrogate = policy_gradient_surrogate(lp, old, adv * (weight / lengths)[:, None], mask, norm)
+        ratio = torch.exp(inputs.log_ratio())
+        per_completion = -(mask * adv * ratio).sum(-1) / completion_lengths(mask)  # the code's loss_i
         metrics = {"gtpo/completion_loss": per_completion.detach()}
-        return LossOutput(with_value(value, surrogate), metrics)
+        if self.params.reduction == "mean":
+            return LossOutput(per_completion, metrics)
+        if inputs.group_index is None:
+            raise ValueError("GTPO reduction 'sum' sums each group's completions: GroupLossInputs.group_index is needed.")
+        group_size = group_sizes(inputs.group_index, inputs.completion_weight.to(lp.dtype)).to(lp.dtype)
+        return LossOutput(group_size * per_completion, metrics)

@@ -6,7 +6,7 @@ and h the DPO log-ratio difference (summed log-probs):
     L = [ (1-eps) l(h) - eps l(-h) ] / (1 - 2 eps)
 
 an unbiased estimate of the clean loss. It is unbounded below (negative values are expected; do
-not clamp). Gradient through the unified core with A = -dL/dh on chosen tokens and +dL/dh on
+not clamp). Sequence level; the core's coefficients are c = -dL/dh on chosen tokens and +dL/dh on
 rejected, dL/dh = -beta [(1-eps) sigma(-beta h) + eps sigma(beta h)] / (1-2 eps).
 TRL calls this loss_type="robust" with label_smoothing = eps.
 """
@@ -15,13 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
-from posttrain.core.unified import with_value
-from posttrain.losses.base import (LossOutput, LossPlugin, PairLossInputs, pair_surrogate, preference_metrics,
-                                   reference_sums, sequence_sums)
-from posttrain.losses.registry import register_loss
+from posttrain.losses.base import (LossOutput, LossPlugin, PairLossInputs, preference_metrics, reference_sums,
+                                   register_loss, sequence_sums)
 
 
 @register_loss("rdpo")
@@ -44,12 +41,7 @@ class RobustDPOLoss(LossPlugin):
         beta, eps = self.params.beta, self.params.eps
         s_w = sequence_sums(inputs.chosen_logps, inputs.chosen_mask)
         s_l = sequence_sums(inputs.rejected_logps, inputs.rejected_mask)
-        r_w, r_l = (x.detach() for x in reference_sums(inputs))
+        r_w, r_l = reference_sums(inputs)
         h = (s_w - s_l) - (r_w - r_l)
         per_pair = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-        dloss_dh = -beta * ((1 - eps) * torch.sigmoid(-beta * h) + eps * torch.sigmoid(beta * h)) / (1 - 2 * eps)
-        weight = inputs.pair_weight
-        n = inputs.normaliser.sequences
-        surrogate = pair_surrogate(inputs, -dloss_dh, dloss_dh, n)
-        metrics = preference_metrics(beta * (s_w - r_w), beta * (s_l - r_l), s_w, s_l)
-        return LossOutput(with_value((weight * per_pair).sum() / n, surrogate), metrics)
+        return LossOutput(per_pair, preference_metrics(beta * (s_w - r_w), beta * (s_l - r_l), s_w, s_l))

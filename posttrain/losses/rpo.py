@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from posttrain.losses.registry import CombinedLoss, get_loss_class, register_loss
+from posttrain.losses.base import register_loss
+from posttrain.losses.registry import CombinedLoss, get_loss_class
 
 _SFT_REDUCTION = {"sum_times_beta": "sum_per_seq", "mean_per_seq": "mean_per_seq",
                   "token_mean_batch": "token_mean_batch"}

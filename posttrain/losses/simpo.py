@@ -5,8 +5,10 @@
     sigmoid: L = -(1-ls) logsigmoid(z) - ls logsigmoid(-z);   hinge: L = relu(1 - z)
     + sft_weight * (token mean of -lp over chosen tokens)    (off by default, as in the paper)
 
-Logged rewards are beta * A(y) (gamma excluded, as in the authors' code). Gradient through the
-unified core: A_t = -dL/dz * beta/|y_w| on chosen tokens, +dL/dz * beta/|y_l| on rejected tokens.
+Logged rewards are beta * A(y) (gamma excluded, as in the authors' code). The preference term is
+sequence level; the SFT term, a token mean over the step's chosen tokens, is the registered `sft` loss
+added by the combination mechanism (logged as loss/sft). The core's coefficients are
+c_t = -dL/dz * beta/|y_w| on chosen tokens and +dL/dz * beta/|y_l| on rejected tokens.
 Defaults are the authors' config: beta = 2.0, gamma_beta_ratio = 0.25.
 """
 
@@ -18,16 +20,34 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from posttrain.core.unified import policy_gradient_surrogate, with_value
-from posttrain.losses.base import (LossOutput, LossPlugin, PairLossInputs, pair_surrogate, preference_metrics,
-                                   sequence_sums)
-from posttrain.losses.registry import register_loss
+from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, preference_metrics, register_loss, sequence_sums
+from posttrain.losses.registry import CombinedLoss, get_loss_class
+
+
+class SimPOPreference(LossPlugin):
+    """SimPO's preference term (the `simpo` loss without its optional SFT term)."""
+
+    name = "simpo"
+    needs_reference = False
+    level = "sequence"
+
+    def __init__(self, params):
+        self.params = params
+
+    def __call__(self, inputs: PairLossInputs) -> LossOutput:
+        p = self.params
+        a_w = sequence_sums(inputs.chosen_logps, inputs.chosen_mask) / inputs.chosen_mask.sum(-1).clamp(min=1)
+        a_l = sequence_sums(inputs.rejected_logps, inputs.rejected_mask) / inputs.rejected_mask.sum(-1).clamp(min=1)
+        z = p.beta * (a_w - a_l) - p.margin
+        if p.loss_type == "sigmoid":
+            per_pair = -(1 - p.label_smoothing) * F.logsigmoid(z) - p.label_smoothing * F.logsigmoid(-z)
+        else:
+            per_pair = torch.relu(1 - z)
+        return LossOutput(per_pair, preference_metrics(p.beta * a_w, p.beta * a_l, a_w, a_l))
 
 
 @register_loss("simpo")
-class SimPOLoss(LossPlugin):
-    needs_reference = False
-    level = "sequence"
+class SimPOLoss(CombinedLoss):
 
     @dataclass
     class Params:
@@ -50,32 +70,12 @@ class SimPOLoss(LossPlugin):
         def margin(self) -> float:
             return self.gamma if self.gamma is not None else self.beta * self.gamma_beta_ratio
 
-    def __call__(self, inputs: PairLossInputs) -> LossOutput:
-        p = self.params
-        n_w = inputs.chosen_mask.sum(-1).clamp(min=1)
-        n_l = inputs.rejected_mask.sum(-1).clamp(min=1)
-        a_w = sequence_sums(inputs.chosen_logps, inputs.chosen_mask) / n_w
-        a_l = sequence_sums(inputs.rejected_logps, inputs.rejected_mask) / n_l
-        z = p.beta * (a_w - a_l) - p.margin
-        if p.loss_type == "sigmoid":
-            ls = p.label_smoothing
-            per_pair = -(1 - ls) * F.logsigmoid(z) - ls * F.logsigmoid(-z)
-            dloss_dz = -(1 - ls) * torch.sigmoid(-z) + ls * torch.sigmoid(z)
-        else:
-            per_pair = torch.relu(1 - z)
-            dloss_dz = -(z < 1).to(z.dtype)
-        weight = inputs.pair_weight
-        n = inputs.normaliser.sequences
-        value = (weight * per_pair).sum() / n
-        surrogate = pair_surrogate(inputs, -dloss_dz * p.beta / n_w, dloss_dz * p.beta / n_l, n)
-        parts = {}
-        if p.sft_weight:
-            mask = inputs.chosen_mask * weight[:, None]
-            tokens = inputs.normaliser.chosen_tokens
-            sft = -(inputs.chosen_logps * mask).sum() / tokens
-            value = value + p.sft_weight * sft
-            surrogate = surrogate + policy_gradient_surrogate(
-                inputs.chosen_logps, inputs.chosen_logps, torch.full_like(mask, p.sft_weight), mask, tokens)
-            parts["loss/sft"] = sft.detach()
-        metrics = preference_metrics(p.beta * a_w, p.beta * a_l, a_w, a_l)
-        return LossOutput(with_value(value, surrogate), metrics, parts)
+    def __init__(self, params=None):
+        params = params if params is not None else self.Params()
+        params.validate()
+        terms = [(1.0, SimPOPreference(params))]
+        if params.sft_weight:
+            sft = get_loss_class("sft")
+            terms.append((params.sft_weight, sft(sft.Params(reduction="token_mean_batch"))))
+        super().__init__(terms)
+        self.params = params

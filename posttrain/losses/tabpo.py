@@ -12,12 +12,11 @@ renormalised to mean 1 over the n valid (completion) tokens of each sequence:
     L_bar  = sum_t w~_t g_t (-lp_t(y_w)) / max(1, sum_t w~_t g_t)
     L      = mean_pairs(L_pref) + lam * mean_pairs(L_bar)
 
-Both means divide by the step's pair count (`normaliser.sequences`) and weight each pair by
-`pair_weight`. Gradient through the unified core (spec section 10) with pi_ref = pi_theta and
-per-token advantages A_t = -dL/dlp_t (the gate is not differentiated):
+Sequence level: both means divide by the step's pair count (the core). The coefficients the core
+derives (spec section 10; the gate is not differentiated) are
 
-    chosen:   A_t = beta sigma(-beta z) w~_t / n_w  +  lam w~_t g_t / max(1, sum w~ g)
-    rejected: A_t = -beta sigma(-beta z) w~_t / n_l
+    chosen:   c_t = beta sigma(-beta z) w~_t / n_w  +  lam w~_t g_t / max(1, sum w~ g)
+    rejected: c_t = -beta sigma(-beta z) w~_t / n_l
 
 Defaults are the authors' Config: beta 0.5, tau 0.66, lam 0.5; token weights Code 1.1,
 Sub-code 1.2, Span 1.1, diff 1.2 (for PHEE: argument-role labels get 1.2, event-type labels and
@@ -34,10 +33,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from posttrain.core.unified import with_value
 from posttrain.data.token_weights import TokenWeightConfig, weight_pairs
-from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, pair_surrogate, preference_metrics
-from posttrain.losses.registry import register_loss
+from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, preference_metrics, register_loss
 
 
 def normalised_weights(weights: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
@@ -109,16 +106,8 @@ class TABPOLoss(LossPlugin):
         gated_weight = wc * gate
         denom = gated_weight.sum(-1).clamp(min=1.0)
         barrier = (gated_weight * -lp_w).sum(-1) / denom
-        weight = inputs.pair_weight
-        n = inputs.normaliser.sequences
-        value = (weight * (pref + p.lam * barrier)).sum() / n
-        # Per-token advantages A_t = -dL/dlp_t (per pair, before the global normaliser).
-        coef = (beta * torch.sigmoid(-beta * z)).detach()
-        adv_w = coef[:, None] * wc / n_w[:, None] + p.lam * gated_weight / denom[:, None]
-        adv_l = -coef[:, None] * wr / n_l[:, None]
-        surrogate = pair_surrogate(inputs, adv_w, adv_l, n)
         # logps/* are the weighted averages s(y), not sums
         metrics = preference_metrics(beta * (s_w - r_w), beta * (s_l - r_l), s_w, s_l)
         metrics.update({"tabpo/pref": pref.detach(), "tabpo/barrier": barrier.detach(),
                         "tabpo/gated_tokens": gate.sum(-1)})
-        return LossOutput(with_value(value, surrogate), metrics)
+        return LossOutput(pref + p.lam * barrier, metrics)

@@ -5,7 +5,7 @@ torch nor the trainer nor the losses: reward worker processes import only this p
 """
 
 from posttrain.rewards.base import FunctionReward, RewardError, RewardFunction, RewardResult, to_reward_result
-from posttrain.rewards.example import PromptExample
+from posttrain.examples import PromptExample
 from posttrain.rewards.registry import (REWARDS, RewardTerm, build_reward_function, get_reward, register_reward,
                                         validate_reward_terms)
 from posttrain.rewards.reward_set import RewardSet, build_reward_set

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 from posttrain.errors import PosttrainError
 from posttrain.params import WithParams
-from posttrain.rewards.example import PromptExample
+from posttrain.examples import PromptExample
 
 
 class RewardError(PosttrainError):

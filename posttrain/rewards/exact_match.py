@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from posttrain.rewards.answers import extract_answer
 from posttrain.rewards.base import RewardFunction, RewardResult
-from posttrain.rewards.example import PromptExample
+from posttrain.examples import PromptExample
 from posttrain.rewards.math_answer import ground_truth
 from posttrain.rewards.registry import register_reward
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from posttrain.rewards.base import RewardError, RewardFunction, RewardResult
-from posttrain.rewards.example import PromptExample
+from posttrain.examples import PromptExample
 from posttrain.rewards.json_schema import schema_errors
 from posttrain.rewards.registry import register_reward
 

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from posttrain.rewards.answers import extract_answer, numbers_equal, parse_number
 from posttrain.rewards.base import RewardError, RewardFunction, RewardResult
-from posttrain.rewards.example import PromptExample
+from posttrain.examples import PromptExample
 from posttrain.rewards.registry import register_reward
 
 _LATEX_NOISE = re.compile(r"\s+|\$|\\left|\\right|\\!")

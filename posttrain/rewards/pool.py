@@ -31,7 +31,7 @@ from typing import Any, Iterable, Optional, Union
 
 from posttrain.errors import PosttrainError
 from posttrain.rewards.base import RewardError, RewardFunction, RewardResult, to_reward_result
-from posttrain.rewards.example import PromptExample
+from posttrain.examples import PromptExample
 from posttrain.rewards.registry import RewardTerm
 
 WORKER_START_TIMEOUT_S = 120.0  # start-up (interpreter, imports, building the rewards) is not a call's time

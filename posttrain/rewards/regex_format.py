@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from posttrain.rewards.base import RewardFunction, RewardResult
-from posttrain.rewards.example import PromptExample
+from posttrain.examples import PromptExample
 from posttrain.rewards.registry import register_reward
 
 

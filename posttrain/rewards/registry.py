@@ -8,49 +8,21 @@ directory and the Python path.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
+from posttrain.config import RewardTerm
 from posttrain.errors import RecipeError
 from posttrain.imports import import_object
+from posttrain.registry import Registry
+from posttrain.typed import build_dataclass
 from posttrain.rewards.base import FunctionReward, RewardFunction
 
-REWARDS: dict[str, type[RewardFunction]] = {}
-
-
-def register_reward(name: str):
-    """Class decorator: make a RewardFunction subclass available to recipes as `rewards: [{name: ...}]`."""
-
-    def decorate(cls: type[RewardFunction]) -> type[RewardFunction]:
-        if not (isinstance(cls, type) and issubclass(cls, RewardFunction)):
-            raise TypeError(f"@register_reward({name!r}) decorates a RewardFunction subclass, not {cls!r}; reference "
-                            f"a plain function from a recipe as 'module.path:function' instead")
-        if name in REWARDS and REWARDS[name] is not cls:
-            raise ValueError(f"a reward named {name!r} is already registered ({REWARDS[name].__module__})")
-        cls.name = name
-        REWARDS[name] = cls
-        return cls
-
-    return decorate
-
-
-@dataclass
-class RewardTerm:
-    """One weighted reward of a recipe. `label` names it in logs and components (default: `name`); two terms
-    with the same name need different labels."""
-
-    name: str
-    weight: float = 1.0
-    params: dict = field(default_factory=dict)
-    label: Optional[str] = None
-
-    @property
-    def display_name(self) -> str:
-        return self.label or self.name
+REWARDS = Registry("reward", RewardFunction, "or give your own as 'module.path:function' or "
+                                               "'module.path:RewardClass'")
+register_reward = REWARDS.register
 
 
 def _import_reference(ref: str, search_dirs: Iterable[Path]) -> Union[type[RewardFunction], Callable[..., Any]]:
@@ -66,18 +38,11 @@ def get_reward(name: str, search_dirs: Iterable[Path] = ()) -> Union[type[Reward
     """The RewardFunction class or user function a term's name refers to."""
     if ":" in name:
         return _import_reference(name, search_dirs)
-    if name not in REWARDS:
-        hint = difflib.get_close_matches(name, list(REWARDS), n=1)
-        extra = f" Did you mean {hint[0]!r}?" if hint else ""
-        raise RecipeError(f"unknown reward {name!r}.{extra} Registered rewards: {', '.join(sorted(REWARDS))}; or "
-                          f"give your own as 'module.path:function' or 'module.path:RewardClass'.")
-    return REWARDS[name]
+    return REWARDS.get(name)
 
 
 def build_reward_function(term: RewardTerm, index: int = 0, search_dirs: Iterable[Path] = ()) -> RewardFunction:
     """The RewardFunction of one term, its params checked (unknown keys, types, the reward's own rules)."""
-    from posttrain.config import build_dataclass
-
     target = get_reward(term.name, search_dirs)
     where = f"rewards[{index}] ({term.name})"
     params = term.params or {}
@@ -102,8 +67,6 @@ def as_reward_term(term: Union[RewardTerm, dict], index: int = 0) -> RewardTerm:
     if isinstance(term, RewardTerm):
         return term
     if isinstance(term, dict):
-        from posttrain.config import build_dataclass
-
         return build_dataclass(RewardTerm, term, where=f"rewards[{index}]")
     raise RecipeError(f"rewards[{index}]: expected a mapping with `name` (and `weight`, `params`), got {term!r}.")
 

@@ -15,7 +15,7 @@ from typing import Iterable, Union
 
 from posttrain.errors import RecipeError
 from posttrain.rewards.base import RewardError, RewardFunction, RewardResult
-from posttrain.rewards.example import PromptExample
+from posttrain.examples import PromptExample
 from posttrain.rewards.pool import TIMEOUT, CallFailed, InlineRunner, WorkerPool
 from posttrain.rewards.registry import RewardTerm, build_reward_functions, importable_term
 

@@ -1,7 +1,8 @@
 """Rollouts of online RL: generation engines and the collection of scored groups."""
 
 from posttrain.rollout.collect import RolloutCollector, RolloutRecord, RolloutStats
-from posttrain.rollout.engine import Completion, GenerationEngine, HFGenerateEngine, SamplingParams, cut_at_stop
+from posttrain.rollout.engine import (ENGINES, Completion, EngineContext, GenerationEngine, HFGenerateEngine,
+                                      SamplingParams, cut_at_stop)
 
-__all__ = ["Completion", "GenerationEngine", "HFGenerateEngine", "RolloutCollector", "RolloutRecord", "RolloutStats",
+__all__ = ["ENGINES", "Completion", "EngineContext", "GenerationEngine", "HFGenerateEngine", "RolloutCollector", "RolloutRecord", "RolloutStats",
            "SamplingParams", "cut_at_stop"]

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from posttrain.plan import round_robin
 from posttrain.rollout.engine import GenerationEngine, SamplingParams
 
 
@@ -61,7 +62,8 @@ class RolloutCollector:
                 stats: Optional[RolloutStats] = None) -> list[RolloutRecord]:
         """Records of all groups, in group order, on every process."""
         stats = stats if stats is not None else RolloutStats()
-        mine = [(first_group + k, i) for k, i in enumerate(indices) if k % self.world == self.rank]
+        mine = [x for x in round_robin([(first_group + k, i) for k, i in enumerate(indices)], self.rank, self.world)
+                if x is not None]
         local = self._generate_and_score(mine, group_size, params, stats) if mine else []
         if self.world == 1:
             return local

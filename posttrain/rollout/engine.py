@@ -17,15 +17,21 @@ Contract (what an engine must do; docs/online_rl.md, "Adding a generation engine
 - `sync_weights(model)` is called before each rollout: an engine that keeps its own copy of the
   weights (vLLM) loads the trainer's current weights there; the HF engine generates with the
   training model itself and needs nothing.
+- An engine is built as `Engine.from_context(context)` with an `EngineContext` (the policy, tokenizer,
+  stop tokens, the recipe's rollout section, the ZeRO-3 gather and precision contexts, the current
+  step); the default `from_context` calls `Engine(context)`. Recipes name engines by their registered
+  name (`hf`) or as `module.path:Class`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
+
+from posttrain.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,30 @@ class Completion:
     truncated: bool  # no stop token within max_new_tokens
 
 
+@dataclass
+class EngineContext:
+    """What an engine may use of the run: `policy()` the (peft) causal LM being trained, its tokenizer, the
+    pad and stop token ids, the recipe's `rollout` section, `gather()` (ZeRO-3: the parameters whole) and
+    `autocast()` (the run's precision) contexts, and `current_step()` (optimiser steps taken)."""
+
+    policy: Callable[[], Any]
+    tokenizer: Any
+    pad_id: int
+    stop_ids: list[int]
+    rollout: Any
+    gather: Callable = contextlib.nullcontext
+    autocast: Callable = contextlib.nullcontext
+    current_step: Callable[[], int] = lambda: 0
+
+
 class GenerationEngine:
     """Base class of generation engines (see the module docstring for the contract)."""
+
+    name = ""
+
+    @classmethod
+    def from_context(cls, context: EngineContext) -> "GenerationEngine":
+        return cls(context)
 
     def sync_weights(self, model) -> None:
         """Load the trainer's current weights into the engine (no-op when it samples the training model)."""
@@ -62,6 +90,10 @@ def cut_at_stop(tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> C
     return Completion(tokens[:max_new_tokens], truncated=True)
 
 
+ENGINES = Registry("rollout engine", GenerationEngine, "or give your own as 'module.path:EngineClass'")
+
+
+@ENGINES.register("hf")
 class HFGenerateEngine(GenerationEngine):
     """`transformers` generate with the KV cache, on the training model itself (adapters on).
 
@@ -88,6 +120,12 @@ class HFGenerateEngine(GenerationEngine):
         self.autocast = autocast or contextlib.nullcontext
         self.prefill_once = prefill_once
 
+    @classmethod
+    def from_context(cls, context: EngineContext) -> "HFGenerateEngine":
+        ro = context.rollout
+        return cls(context.policy, context.pad_id, context.stop_ids, ro.generation_batch_size, gather=context.gather,
+                   autocast=context.autocast, prefill_once=ro.prefill_once)
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         model = self.model_getter()
@@ -108,10 +146,11 @@ class HFGenerateEngine(GenerationEngine):
         return out
 
     def _left_padded(self, prompts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        """Left-padded prompt ids and mask, built on the host (moved to the model's device by the caller)."""
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device="cpu")
         attention_mask = torch.zeros_like(input_ids)
         for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p)
+            input_ids[i, width - len(p):] = torch.tensor(p, device="cpu")
             attention_mask[i, width - len(p):] = 1
         return input_ids, attention_mask
 

@@ -4,20 +4,23 @@ Interface (`PromptSampler`): `select(batch_size) -> list[int]`, `update(indices,
 `state_dict()` / `load_state_dict()` (JSON-serialisable, RNG state included).
 """
 
-from posttrain.samplers.base import PromptSampler
+import dataclasses
+from pathlib import Path
+from typing import Iterable
+
+from posttrain.samplers.base import SAMPLERS, PromptSampler
 from posttrain.samplers.sequential import SequentialSampler
 from posttrain.samplers.uniform import UniformSampler
 from posttrain.samplers.vade import VADESampler, information_gain, top_b
 
-SAMPLERS: dict[str, type[PromptSampler]] = {"uniform": UniformSampler, "sequential": SequentialSampler,
-                                             "vade": VADESampler}
 
-
-def build_sampler(name: str, num_items: int, seed: int = 0, **params) -> PromptSampler:
-    """A sampler by name (`uniform`, `sequential`, `vade`) with its keyword parameters."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name](num_items, seed=seed, **params)
+def build_sampler(name: str, num_items: int, seed: int = 0, search_dirs: Iterable[Path] = (),
+                  **params) -> PromptSampler:
+    """A sampler by name (`uniform`, `sequential`, `vade`, or `module:Class`), its params checked as a recipe's
+    `sampler.params` are (unknown keys, types, ranges: a RecipeError)."""
+    cls = SAMPLERS.get(name, search_dirs)
+    checked = SAMPLERS.params(cls, params, f"sampler.params ({name})")
+    return cls(num_items, seed=seed, **(dataclasses.asdict(checked) if checked is not None else {}))
 
 
 __all__ = ["PromptSampler", "SAMPLERS", "SequentialSampler", "UniformSampler", "VADESampler", "build_sampler", "information_gain", "top_b"]

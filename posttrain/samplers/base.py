@@ -9,15 +9,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from posttrain.registry import Registry
+
 
 class PromptSampler:
-    """Base class. `num_items` is the dataset size; `seed` seeds the sampler's own numpy Generator."""
+    """Base class. `num_items` is the dataset size; `seed` seeds the sampler's own numpy Generator. The
+    constructor takes the fields of `Params` (the recipe's `sampler.params`) as keyword arguments."""
 
     name = ""
+
+    @dataclass
+    class Params:
+        pass
 
     def __init__(self, num_items: int, seed: int = 0):
         if num_items < 1:
@@ -70,3 +78,6 @@ class PromptSampler:
             raise ValueError(f"sampler state is for {state.get('num_items')} items, this dataset has {self.num_items}")
         self.seed = int(state["seed"])
         self._set_rng_state(state["rng"])
+
+
+SAMPLERS = Registry("sampler", PromptSampler, "or give your own as 'module.path:SamplerClass'")

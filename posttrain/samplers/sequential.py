@@ -7,11 +7,11 @@ takes the last items and then the first ones.
 
 from __future__ import annotations
 
-from posttrain.samplers.base import PromptSampler
+from posttrain.samplers.base import SAMPLERS, PromptSampler
 
 
+@SAMPLERS.register("sequential")
 class SequentialSampler(PromptSampler):
-    name = "sequential"
 
     def __init__(self, num_items: int, seed: int = 0):
         super().__init__(num_items, seed)

@@ -11,13 +11,17 @@ the next epoch once, then returns to the pool.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
-from posttrain.samplers.base import PromptSampler
+from posttrain.samplers.base import SAMPLERS, PromptSampler
 
 
+@SAMPLERS.register("uniform")
 class UniformSampler(PromptSampler):
-    name = "uniform"
+    @dataclass
+    class Params:
+        zero_variance_filter: bool = False
 
     def __init__(self, num_items: int, seed: int = 0, zero_variance_filter: bool = False):
         super().__init__(num_items, seed)

@@ -16,11 +16,12 @@ the retrievable text [inferred; the authors' code was not available]. All update
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from posttrain.samplers.base import PromptSampler
+from posttrain.samplers.base import SAMPLERS, PromptSampler
 
 
 def information_gain(p: np.ndarray) -> np.ndarray:
@@ -35,13 +36,21 @@ def top_b(scores: np.ndarray, batch_size: int) -> list[int]:
     return [int(i) for i in order[:batch_size]]
 
 
+@SAMPLERS.register("vade")
 class VADESampler(PromptSampler):
-    name = "vade"
+    @dataclass
+    class Params:
+        lambda1: float = 0.2  # decay of a selected sample's counts before its new results are added
+        lambda2: float = 0.999  # decay of every unselected sample's counts
+
+        def validate(self):
+            if not 0 <= self.lambda1 <= 1 or not 0 <= self.lambda2 <= 1:
+                raise ValueError(f"lambda1 and lambda2 are decay factors in [0, 1], got {self.lambda1}, "
+                                 f"{self.lambda2}")
 
     def __init__(self, num_items: int, seed: int = 0, lambda1: float = 0.2, lambda2: float = 0.999):
         super().__init__(num_items, seed)
-        if not 0 <= lambda1 <= 1 or not 0 <= lambda2 <= 1:
-            raise ValueError(f"lambda1 and lambda2 are decay factors in [0, 1], got {lambda1}, {lambda2}")
+        self.Params(lambda1, lambda2).validate()
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
         self.alpha = np.zeros(self.num_items, dtype=np.float64)

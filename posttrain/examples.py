@@ -1,8 +1,7 @@
 """One prompt of an online-RL data set, with what its rewards need to score a completion.
 
-Read by `posttrain.data.prompts.load_prompt_examples` (which re-exports this class). It is defined here
-because reward workers import only `posttrain.rewards`: `posttrain.data` imports torch (collation), and a
-worker unpickling an example must not.
+Read by `posttrain.data.prompts.load_prompt_examples` and scored by `posttrain.rewards`. A leaf module of
+its own: reward workers unpickle examples and must not import torch (which `posttrain.data` does).
 """
 
 from __future__ import annotations

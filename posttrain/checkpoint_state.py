@@ -15,23 +15,32 @@ functions, for the same parameters in the same order.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import torch
 
+from posttrain.zero import gathered, zero_stage
 
 PARAM_KEY = "param"  # safetensors key prefix of the parameter values themselves
 
 
-def zero_stage(accelerator) -> Optional[int]:
-    """The DeepSpeed ZeRO stage of this run, or None without DeepSpeed."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return None if plugin is None else int(plugin.zero_stage)
+@dataclass
+class TrainingState:
+    """What a checkpoint gathers and restores: the prepared model (a DeepSpeed engine under DeepSpeed), the
+    peft model inside it, the torch optimiser and scheduler, and the process group's size."""
+
+    accelerator: Any
+    model: Any
+    peft_model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    output_dir: Path
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
 
 
 def named_trainable(peft_model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -63,15 +72,15 @@ def _group_hyperparameters(optimizer) -> list[dict]:
             for group in optimizer.param_groups]
 
 
-def gather_training_state(trainer, with_parameters: bool) -> tuple[dict[str, torch.Tensor], dict]:
+def gather_training_state(state: TrainingState, with_parameters: bool) -> tuple[dict[str, torch.Tensor], dict]:
     """Whole trainable parameters (if asked) and optimiser state, keyed `<kind>/<parameter name>`,
     plus the JSON-able rest. A collective under DeepSpeed: every process calls it; all get the result."""
-    stage = zero_stage(trainer.accelerator)
-    params = named_trainable(trainer.peft_model)
+    stage = zero_stage(state.accelerator)
+    params = named_trainable(state.peft_model)
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, float]] = {}
     if stage is None:
-        optimizer = trainer.scheduler.optimizer  # the torch optimiser itself, under DDP too
+        optimizer = state.optimizer
         for name, p in params:
             if with_parameters:
                 tensors[f"{PARAM_KEY}/{name}"] = p.detach().cpu().clone()
@@ -81,7 +90,7 @@ def gather_training_state(trainer, with_parameters: bool) -> tuple[dict[str, tor
     else:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        _, inner = _deepspeed_optimizers(trainer.model)
+        _, inner = _deepspeed_optimizers(state.model)
         keys, step_scalars = _split_state(_first_state(inner))  # one flat buffer per group: same for all
         for name, p in params:
             if with_parameters:
@@ -89,16 +98,16 @@ def gather_training_state(trainer, with_parameters: bool) -> tuple[dict[str, tor
             for key in keys:
                 tensors[f"{key}/{name}"] = safe_get_full_optimizer_state(p, key).detach().cpu().clone()
             scalars[name] = dict(step_scalars)
-    meta = {"scalars": scalars, "param_groups": _group_hyperparameters(trainer.scheduler.optimizer),
-            "world_size": trainer.world, "zero_stage": stage}
+    meta = {"scalars": scalars, "param_groups": _group_hyperparameters(state.optimizer),
+            "world_size": state.world, "zero_stage": stage}
     return tensors, meta
 
 
-def restore_training_state(trainer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def restore_training_state(state: TrainingState, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Load what `gather_training_state` wrote into this run's model and optimiser, whatever the
     number of processes or the backend it was written under. Every process calls it."""
-    stage = zero_stage(trainer.accelerator)
-    params = named_trainable(trainer.peft_model)
+    stage = zero_stage(state.accelerator)
+    params = named_trainable(state.peft_model)
     missing = [name for name, _ in params if name not in meta["scalars"]]
     if missing:
         from posttrain.errors import PosttrainError
@@ -106,10 +115,10 @@ def restore_training_state(trainer, tensors: dict[str, torch.Tensor], meta: dict
         raise PosttrainError(f"the checkpoint has no state for {len(missing)} trainable parameters of this model "
                              f"(e.g. {missing[0]}): it was written for a different model or LoRA set-up.")
     keys = sorted({k.split("/", 1)[0] for k in tensors} - {PARAM_KEY})
-    for group, saved in zip(trainer.scheduler.optimizer.param_groups, meta["param_groups"]):
+    for group, saved in zip(state.optimizer.param_groups, meta["param_groups"]):
         group.update({k: v for k, v in saved.items() if k in group})
     if stage is None:
-        optimizer = trainer.scheduler.optimizer
+        optimizer = state.optimizer
         for name, p in params:
             if f"{PARAM_KEY}/{name}" in tensors:
                 p.data.copy_(tensors[f"{PARAM_KEY}/{name}"])
@@ -120,7 +129,7 @@ def restore_training_state(trainer, tensors: dict[str, torch.Tensor], meta: dict
         return
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    zero_optimizer, inner = _deepspeed_optimizers(trainer.model)
+    zero_optimizer, inner = _deepspeed_optimizers(state.model)
     step_scalars = meta["scalars"][params[0][0]] if params else {}
     flat_partitions = (zero_optimizer.fp32_partitioned_groups_flat if stage == 3
                        else zero_optimizer.single_partition_of_fp32_groups)
@@ -132,8 +141,8 @@ def restore_training_state(trainer, tensors: dict[str, torch.Tensor], meta: dict
     if stage < 3 and keys:
         zero_optimizer._hp_optimizer_states_linked = False
         zero_optimizer._lazy_init_hp_params_optimizer_state()  # point each parameter at its state fragment
-    with _gathered(params, stage, modifier_rank=0):  # the copies the forward pass uses
-        if stage < 3 or trainer.accelerator.is_main_process:
+    with gathered([p for _, p in params], stage, modifier_rank=0):  # the copies the forward pass uses
+        if stage < 3 or state.accelerator.is_main_process:
             for name, p in params:
                 if f"{PARAM_KEY}/{name}" in tensors:
                     p.data.copy_(tensors[f"{PARAM_KEY}/{name}"])
@@ -144,78 +153,35 @@ def restore_training_state(trainer, tensors: dict[str, torch.Tensor], meta: dict
             safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].float(), key)
 
 
-def gather_objects(trainer, value) -> list:
+def gather_objects(world: int, value) -> list:
     """`value` of every process, in rank order, on every process."""
-    if trainer.world == 1:
+    if world == 1:
         return [value]
-    values = [None] * trainer.world
+    values = [None] * world
     torch.distributed.all_gather_object(values, value)
     return values
 
 
-def native_checkpoint_meta(trainer) -> dict:
-    return {"deepspeed_native": True, "world_size": trainer.world, "zero_stage": zero_stage(trainer.accelerator)}
+def native_checkpoint_meta(state: TrainingState) -> dict:
+    return {"deepspeed_native": True, "world_size": state.world, "zero_stage": zero_stage(state.accelerator)}
 
 
-def load_native_checkpoint(trainer, path: Path, meta: dict) -> None:
+def load_native_checkpoint(state: TrainingState, path: Path, meta: dict) -> None:
     """Resume full fine-tuning from DeepSpeed's own partitions in `path`/deepspeed, which only the same
     ZeRO stage on the same number of processes can read. DeepSpeed unpickles these files
     (torch.load with weights_only=False): posttrain loads them only from the run's own checkpoints."""
     from posttrain.errors import PosttrainError
 
-    here = (trainer.world, zero_stage(trainer.accelerator))
+    here = (state.world, zero_stage(state.accelerator))
     there = (meta["world_size"], meta["zero_stage"])
     if here != there:
         raise PosttrainError(f"{path} is a full fine-tuning checkpoint in DeepSpeed's own sharded format, written "
                              f"under ZeRO-{there[1]} on {there[0]} processes; it resumes only with the same "
                              f"(now: {'ZeRO-' + str(here[1]) if here[1] is not None else 'no DeepSpeed'} on "
                              f"{here[0]}). Relaunch with that config, or start a new run from the final model.")
-    if Path(path).resolve().parent != (Path(trainer.output_dir) / "checkpoints").resolve():
+    if Path(path).resolve().parent != (Path(state.output_dir) / "checkpoints").resolve():
         raise PosttrainError(f"{path}: DeepSpeed checkpoints are loaded only from the run's own checkpoints/.")
-    loaded, _ = trainer.model.load_checkpoint(str(Path(path) / "deepspeed"), tag="engine",
+    loaded, _ = state.model.load_checkpoint(str(Path(path) / "deepspeed"), tag="engine",
                                               load_lr_scheduler_states=False)
     if loaded is None:
         raise PosttrainError(f"{path}/deepspeed: DeepSpeed found no checkpoint to load (incomplete copy?).")
-
-
-def _gathered(params, stage: Optional[int], modifier_rank: Optional[int] = None):
-    if stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=modifier_rank)
-
-
-# ---------------------------------------------------------------------------------------------
-# Test probe: POSTTRAIN_STEP_PROBE=<dir> makes every process append, after each optimiser step, the
-# pair indices it trained on and a hash of its copy of the trainable parameters to
-# <dir>/rank-<r>.jsonl. Off (not even wrapped) unless the variable is set.
-
-
-def install_step_probe(trainer) -> None:
-    directory = os.environ.get("POSTTRAIN_STEP_PROBE")
-    if not directory:
-        return
-    from posttrain.trainer import shard_for_rank
-
-    path = Path(directory) / f"rank-{trainer.rank}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    train_step = trainer.train_step
-
-    def probed(step: int) -> dict:
-        record = train_step(step)
-        shard = shard_for_rank(trainer.plan.indices(step), trainer.rank, trainer.world,
-                               trainer.recipe.train.micro_batch_size, trainer.n_micro)
-        digest = hashlib.sha256()
-        params = named_trainable(trainer.peft_model)
-        with _gathered(params, zero_stage(trainer.accelerator)):
-            for name, p in params:
-                digest.update(name.encode())
-                digest.update(p.detach().cpu().double().numpy().tobytes())
-        with path.open("a") as handle:
-            handle.write(json.dumps({"step": step + 1, "rank": trainer.rank, "world": trainer.world,
-                                     "rows": shard, "params_sha256": digest.hexdigest(),
-                                     "loss": record["loss"]}) + "\n")
-        return record
-
-    trainer.train_step = probed

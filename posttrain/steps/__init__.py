@@ -1,0 +1,1 @@
+"""The two steps of the one trainer: PairStep (offline pairs) and GroupStep (online groups)."""

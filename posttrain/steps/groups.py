@@ -1,0 +1,276 @@
+"""The online step: one rollout batch of groups and its `rollout.updates_per_batch` updates, with any group loss.
+
+Per step (docs/online_rl.md):
+
+1. the sampler picks B prompts (on process 0, broadcast to the others);
+2. each process generates G completions for its share of the prompts and scores them; every process then
+   holds the whole rollout batch (posttrain.rollout.collect);
+3. with `rollout.filter_zero_variance`, groups whose reward std is at most `zero_variance_eps` are dropped
+   and more prompts are rolled out, up to `max_resample_rounds` times; then the step goes on with what it has;
+4. the sampler learns which prompts were solved (a success = the designated reward component at or above
+   the threshold);
+5. `loss.compute_advantages` runs once on the whole rollout batch, before it is split;
+6. each process trains on its own whole groups, `train.micro_batch_size` groups per forward/backward, with
+   the step's global counts (completions and completion tokens), the gradient through the coefficients
+   c_t = -dL/dlp_t (posttrain.core.unified). pi_old comes from a no-grad pass over the rollout tokens
+   (logits / temperature, dropout off) when there is more than one update or the recipe asks for it;
+   with one update it is the current policy detached, so the ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from posttrain.config import RolloutConfig
+from posttrain.core import StepCounts, backward_through_coefficients
+from posttrain.errors import RecipeError
+from posttrain.losses import GroupLossInputs, LossPlugin, RolloutBatch
+from posttrain.plan import split_groups
+from posttrain.rollout import RolloutCollector, RolloutRecord, RolloutStats, SamplingParams
+from posttrain.steps.common import StepContext, StepMetrics
+from posttrain.steps.online_setup import broadcast, gather_objects
+
+
+class GroupStep:
+    """Owns the sampler and the rollout collector; `run(step)` rolls out one batch and updates on it."""
+
+    def __init__(self, ctx: StepContext, loss: LossPlugin, sampler, collector: RolloutCollector,
+                 rollout: RolloutConfig, batch_size: int, params: SamplingParams):
+        self.ctx, self.loss, self.sampler, self.collector = ctx, loss, sampler, collector
+        self.rollout, self.batch_size, self.params = rollout, batch_size, params
+
+    def run(self, step: int) -> dict:
+        ctx, ro = self.ctx, self.rollout
+        record: dict = {}
+        t0 = time.time()
+        records = self.collect(step, record)
+        record["time/rollout"] = time.time() - t0
+        if not records:
+            ctx.log.warning("step %d: every group had zero reward variance after %d resampling rounds; no update",
+                            step + 1, ro.max_resample_rounds)
+            return {**record, "loss": 0.0, "skipped": 1.0, "num_tokens": 0.0}
+        token_ids, mask = completion_tensors(records, ro.truncated == "mask")
+        if mask.sum() == 0:
+            ctx.log.warning("step %d: every completion was truncated and rollout.truncated is 'mask', so no token "
+                            "is left to train on; no update. Raise rollout.max_new_tokens.", step + 1)
+            return {**record, "loss": 0.0, "skipped": 1.0, "num_tokens": 0.0}
+        group_of = torch.tensor([rec.group for rec in records], device="cpu")
+        groups = sorted(set(group_of.tolist()))
+        rows_of = {g: [i for i, rec in enumerate(records) if rec.group == g] for g in groups}
+        # Always the configured number of micro-batches (fillers when the filter left fewer groups): accelerate and
+        # DeepSpeed count micro-batches to find the accumulation boundary.
+        micro = split_groups(groups, ctx.world, ctx.rank, ctx.micro_batch_size, ctx.n_micro)
+        t1 = time.time()
+        old_logps, entropy = {}, None
+        if ro.updates_per_batch > 1 or ro.recompute_old_logprobs or self.loss.needs_sampling_entropy:
+            old_logps, entropy = self.sampling_pass(records, rows_of, micro, mask.shape[1])
+        record["time/old_logprobs"] = time.time() - t1
+        batch = RolloutBatch(rewards=torch.tensor([rec.reward for rec in records], dtype=torch.float64, device="cpu"),
+                             group_index=group_of, mask=mask, token_ids=token_ids, entropy=entropy,
+                             answers=[rec.answer for rec in records])
+        try:
+            advantages = self.loss.compute_advantages(batch)
+        except ValueError as exc:  # a plug-in's word on a batch the recipe shaped (e.g. COPO with one prompt)
+            raise RecipeError(f"loss {self.loss.name!r} cannot use the rollout batch of step {step + 1} "
+                              f"({len(groups)} prompts x {ro.group_size} completions): {exc} Adjust train.batch_size "
+                              f"or the rollout settings.") from None
+        counts = StepCounts(examples=float(len(records)), tokens=float(mask.sum().item()))
+        t2 = time.time()
+        for update in range(ro.updates_per_batch):
+            out = self.update(step, records, rows_of, micro, batch, advantages, old_logps, counts)
+            if update == 0:
+                record.update(out)
+            else:
+                record.update({f"update{update + 1}/{k}": v for k, v in out.items() if k in ("loss", "grad_norm")})
+        record["time/train"] = time.time() - t2
+        record["num_tokens"] = float(sum(len(rec.prompt_ids) + len(rec.completion_ids) for rec in records))
+        return record
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def collect(self, step: int, metrics: dict) -> list[RolloutRecord]:
+        """The step's rollout batch, after the zero-variance filter and its resampling rounds; the sampler is
+        updated with every group that was rolled out."""
+        ro, ctx = self.rollout, self.ctx
+        stats = RolloutStats()
+        self.collector.engine.sync_weights(ctx.peft_model())
+        kept: list[RolloutRecord] = []
+        used: set[int] = set()
+        next_group, rounds, zero_var_groups, rolled_groups = 0, 0, 0, 0
+        while True:
+            indices = self._select(self.batch_size - len({rec.group for rec in kept}), used)
+            used.update(indices)
+            records = self.collector.collect(indices, ro.group_size, self.params, next_group, stats)
+            next_group += len(indices)
+            self._update_sampler(records)
+            stds = group_reward_std(records)
+            zero = {g for g, s in stds.items() if s <= ro.zero_variance_eps}
+            zero_var_groups += len(zero)
+            rolled_groups += len(stds)
+            if rounds == 0:
+                metrics.update(rollout_metrics(records, zero, len(stds)))
+            kept += [rec for rec in records if not (ro.filter_zero_variance and rec.group in zero)]
+            groups_kept = len({rec.group for rec in kept})
+            if not ro.filter_zero_variance or groups_kept >= self.batch_size or rounds >= ro.max_resample_rounds:
+                break
+            rounds += 1
+        if ro.filter_zero_variance:
+            metrics.update({"filter/resample_rounds": float(rounds), "filter/groups": float(groups_kept),
+                            "filter/dropped_groups": float(zero_var_groups),
+                            "filter/rolled_out_groups": float(rolled_groups)})
+            if groups_kept < self.batch_size:
+                ctx.log.info("step %d: %d of %d groups have reward variance after %d resampling rounds; training "
+                             "on them", step + 1, groups_kept, self.batch_size, rounds)
+        metrics.update({"time/generation": stats.generation_seconds, "time/rewards": stats.reward_seconds,
+                        "time/gather": stats.gather_seconds})
+        return kept
+
+    def _select(self, count: int, exclude: set[int]) -> list[int]:
+        """`count` dataset indices from the sampler, chosen on process 0 and broadcast; indices already in the
+        step are left out (the batch may then be smaller)."""
+        chosen = None
+        if self.ctx.rank == 0:
+            chosen = [i for i in self.sampler.select(min(count, self.sampler.num_items)) if i not in exclude]
+        return broadcast(chosen) if self.ctx.world > 1 else chosen
+
+    def _update_sampler(self, records: list[RolloutRecord]) -> None:
+        """Every process updates its sampler with the same gathered records, so their states stay equal."""
+        successes: dict[int, float] = {}
+        for rec in records:
+            successes[rec.index] = successes.get(rec.index, 0.0) + float(rec.success)
+        if successes:
+            self.sampler.update(list(successes), list(successes.values()), self.rollout.group_size)
+
+    # ------------------------------------------------------------------------------------------ training
+    def _forward(self, records, rows, slots, width, reference=False):
+        """Completion log-probs [len(rows), width] on the device (and per-token entropy, None for the reference)."""
+        ctx = self.ctx
+        layout = ctx.rows([(records[i].prompt_ids, records[i].completion_ids) for i in rows], slots)
+        temperature = self.rollout.temperature
+        if reference:
+            dense, ent = ctx.reference_logps(layout, temperature), None
+        else:
+            with ctx.autocast():
+                dense, ent = ctx.model(*layout.model_inputs(), temperature=temperature, return_entropy=True)
+
+        def completion(values):
+            out = layout.gather(values)
+            return torch.nn.functional.pad(out, (0, width - out.shape[1]))
+
+        return completion(dense), completion(ent) if ent is not None else None
+
+    @torch.no_grad()
+    def sampling_pass(self, records, rows_of, micro, width) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """pi_old log-probs of this process's rows (in the training micro-batch layout, so with one update the
+        ratio is exactly 1) and the sampling policy's per-token entropy of every completion (gathered)."""
+        model = self.ctx.model
+        was_training = model.training
+        model.eval()
+        old: dict[int, torch.Tensor] = {}
+        mine_entropy: dict[int, list[float]] = {}
+        try:
+            for groups in micro:
+                rows, weights, slots = micro_batch_rows(rows_of, groups)
+                logps, entropy = self._forward(records, rows, slots, width)
+                for k, (i, w) in enumerate(zip(rows, weights)):
+                    if w > 0:
+                        old[i] = logps[k].detach().clone()
+                        mine_entropy[i] = entropy[k].float().tolist()
+        finally:
+            model.train(was_training)
+        full = torch.zeros((len(records), width), dtype=torch.float64, device="cpu")
+        for part in gather_objects([mine_entropy]) if self.ctx.world > 1 else [mine_entropy]:
+            for i, values in part.items():
+                full[i] = torch.tensor(values, dtype=torch.float64, device="cpu")
+        return old, full
+
+    def update(self, step, records, rows_of, micro, batch: RolloutBatch, advantages, old_logps,
+               counts: StepCounts) -> dict:
+        """Forward/backward over this process's micro-batches of whole groups, then one optimiser update."""
+        ctx = self.ctx
+        device, scale, width = ctx.device, ctx.world * len(micro), batch.mask.shape[1]
+        metrics = StepMetrics(device)
+        for groups in micro:
+            rows, weights, slots = micro_batch_rows(rows_of, groups)
+            index = torch.tensor(rows, device="cpu")
+            with ctx.accelerator.accumulate(ctx.model):
+                logps, entropy = self._forward(records, rows, slots, width)
+                dtype = logps.dtype
+                on_device = lambda x: x[index].to(device=device, dtype=dtype)  # noqa: E731
+                weight = torch.tensor(weights, dtype=dtype, device=device)
+                ref = self._forward(records, rows, slots, width, reference=True)[0].to(dtype) \
+                    if self.loss.needs_reference else None
+                old = torch.stack([old_logps[i] if w > 0 else logps[k].detach() for k, (i, w) in
+                                   enumerate(zip(rows, weights))]).to(dtype) if old_logps else None
+                inputs = GroupLossInputs(
+                    logps=logps, mask=on_device(batch.mask), advantages=advantages[index].to(device),
+                    completion_weight=weight, old_logps=old, ref_logps=ref,
+                    entropy=on_device(batch.entropy) if batch.entropy is not None else None,
+                    token_ids=batch.token_ids[index].to(device), group_index=batch.group_index[index].to(device),
+                    rewards=on_device(batch.rewards))
+                out, coefficients = backward_through_coefficients(
+                    lambda leaves: self.loss.step_loss(replace(inputs, **leaves), counts), {"logps": logps},
+                    lambda surrogate: ctx.accelerator.backward(surrogate * scale))
+            metrics.add("loss", out.loss.item())
+            metrics.add_per_example(out.metrics, weight)
+            for name, value in out.parts.items():
+                metrics.add(name, value.item())
+            real = inputs.mask * weight[:, None]
+            metrics.add_mean("entropy", (entropy.double() * real.double()).sum().item(), real.sum().item())
+            pushed_up = (coefficients["logps"] * real).sum(-1) > 0
+            metrics.add_coefficients("positive", coefficients["logps"], real * pushed_up[:, None], counts.examples)
+            metrics.add_coefficients("negative", coefficients["logps"], real * ~pushed_up[:, None], counts.examples)
+        record = metrics.reduce(ctx.accelerator)
+        indices = sorted({rec.index for rec in records})
+        where = f"groups of prompts {indices[:6]}{' ...' if len(indices) > 6 else ''}"
+        record.update(ctx.optimiser_step(record["loss"], where, step + 1, ctx.log))
+        return record
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def group_reward_std(records: list[RolloutRecord]) -> dict[int, float]:
+    by_group: dict[int, list[float]] = {}
+    for rec in records:
+        by_group.setdefault(rec.group, []).append(rec.reward)
+    return {g: float(torch.tensor(v, dtype=torch.float64, device="cpu").std(correction=0)) for g, v in by_group.items()}
+
+
+def rollout_metrics(records: list[RolloutRecord], zero_groups: set[int], n_groups: int) -> dict:
+    rewards = torch.tensor([rec.reward for rec in records], dtype=torch.float64, device="cpu")
+    lengths = torch.tensor([len(rec.completion_ids) for rec in records], dtype=torch.float64, device="cpu")
+    out = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std(correction=0).item(),
+           "groups/zero_variance_share": len(zero_groups) / max(n_groups, 1),
+           "pass@1": sum(rec.success for rec in records) / len(records),
+           "completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
+           "completions/truncated_share": sum(rec.truncated for rec in records) / len(records)}
+    for name in sorted({name for rec in records for name in rec.components}):
+        out[f"reward/{name}"] = sum(rec.components.get(name, 0.0) for rec in records) / len(records)
+    return out
+
+
+def completion_tensors(records: list[RolloutRecord], masked_truncated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion-aligned token ids and mask [N, T] on the host (right-padded, completion at column 0)."""
+    width = max(1, max(len(rec.completion_ids) for rec in records))
+    ids = torch.zeros((len(records), width), dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(records), width), dtype=torch.long, device="cpu")
+    for i, rec in enumerate(records):
+        ids[i, :len(rec.completion_ids)] = torch.tensor(rec.completion_ids, dtype=torch.long, device="cpu")
+        if not (masked_truncated and rec.truncated):
+            mask[i, :len(rec.completion_ids)] = 1
+    return ids, mask
+
+
+def micro_batch_rows(rows_of: dict, groups: list[Optional[int]]) -> tuple[list[int], list[float], list[int]]:
+    """Record rows of a micro-batch's groups, their weights, and each row's slot in the micro-batch (its
+    shared-prompt segment); a filler group repeats group 0's rows with weight 0."""
+    first = next(iter(rows_of))
+    rows, weights, slots = [], [], []
+    for slot, g in enumerate(groups):
+        members = rows_of[g if g is not None else first]
+        rows += members
+        weights += [0.0 if g is None else 1.0] * len(members)
+        slots += [slot] * len(members)
+    return rows, weights, slots
