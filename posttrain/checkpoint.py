@@ -100,14 +100,24 @@ def save_checkpoint(output_dir: Path, step: int, model, training_state: tuple[di
     return final
 
 
-def save_final(model, tokenizer, output_dir: Path) -> Path:
-    """<output_dir>/final: the trained adapter (or model) and tokenizer, renamed into place whole."""
+def save_final(model, tokenizer, output_dir: Path, base_model: str, base_note: str = "") -> Path:
+    """<output_dir>/final: the trained adapter (or model) and tokenizer, renamed into place whole. An
+    adapter names `base_model` as its base_model_name_or_path, and its README gets `base_note`."""
     final = Path(output_dir) / "final"
     for stale in Path(output_dir).glob(".tmp-final-*"):  # left by a process killed while writing
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(output_dir) / f".tmp-final-{os.getpid()}"
     save_trainable(model, tmp)
     tokenizer.save_pretrained(tmp)
+    adapter_config = tmp / "adapter_config.json"
+    if adapter_config.is_file():
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = base_model
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True))
+        readme = tmp / "README.md"
+        if base_note:
+            card = readme.read_text() if readme.is_file() else ""
+            readme.write_text(card.rstrip("\n") + f"\n\n## Base model\n\n{base_note}\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

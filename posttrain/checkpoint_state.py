@@ -103,6 +103,17 @@ def gather_training_state(state: TrainingState, with_parameters: bool) -> tuple[
     return tensors, meta
 
 
+def follow_current_schedule(scheduler, lr: float) -> None:
+    """Set the learning rate to what this run's schedule gives at the restored step: lr * lambda(step).
+    With an unchanged recipe that is the checkpoint's value exactly; after `--force` with a new
+    `train.max_steps`, warm-up or `train.lr` it is the rebuilt schedule's, not the old run's last value."""
+    scheduler.base_lrs = [lr] * len(scheduler.optimizer.param_groups)
+    for group, scale in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * scale(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def restore_training_state(state: TrainingState, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Load what `gather_training_state` wrote into this run's model and optimiser, whatever the
     number of processes or the backend it was written under. Every process calls it."""

@@ -1,5 +1,6 @@
 """Command line: `posttrain train RECIPE.yaml [--set key=value ...] [--resume] [--force]`,
-`posttrain eval ...`, `posttrain validate RECIPE.yaml`, `posttrain losses`.
+`posttrain eval ...`, `posttrain validate RECIPE.yaml`, `posttrain inspect RECIPE.yaml [--rows N]`,
+`posttrain losses`.
 
 Also runs as `accelerate launch -m posttrain train RECIPE.yaml`. A user mistake (bad recipe, data,
 path) prints one paragraph and exits with status 2; anything else is a bug and keeps its traceback.
@@ -26,9 +27,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true",
                        help="resume although the recipe changed, or start over in a directory with checkpoints")
 
-    validate = sub.add_parser("validate", help="check a recipe without loading any model")
+    validate = sub.add_parser("validate", help="check a recipe and its data without loading any model")
     validate.add_argument("recipe")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    inspect = sub.add_parser("inspect", help="show what is trained per row: prompt and completion tokens, decoded, "
+                                             "with the loss mask (no model is loaded)")
+    inspect.add_argument("recipe")
+    inspect.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    inspect.add_argument("--rows", type=int, default=3, help="how many training rows to show (default 3)")
+    inspect.add_argument("--split", choices=["train", "heldout"], default="train")
 
     ev = sub.add_parser("eval", help="ranking accuracy (R, R~, R*, alignment gap, difficulty) on preference pairs",
                         description="Ranking accuracy of a model, adapter or checkpoint on preference pairs, with the "
@@ -44,10 +52,13 @@ def _parser() -> argparse.ArgumentParser:
                                                  "testset JSON, whose annotator votes give alpha)")
     ev.add_argument("--builtin", default=None, help="a built-in task instead of --data (split heldout)")
     ev.add_argument("--split", default=None, help="split of a datasets directory or built-in task")
-    ev.add_argument("--format", dest="template", choices=["plain", "chat"], default="plain",
-                    help="plain: prompt + response as text, as Chen et al. scored (default); chat: the chat template")
+    ev.add_argument("--format", dest="template", choices=["plain", "chat", "auto"], default=None,
+                    help="plain: prompt + response as text, as Chen et al. scored; chat: the chat template; auto: "
+                         "chat messages through the chat template, text as is (TRL's rule). Default: the run's own "
+                         "data.template with --adapter RUN, else plain")
     ev.add_argument("--start", type=int, default=0, help="skip the first N valid pairs")
-    ev.add_argument("--max-pairs", type=int, default=None, help="keep at most N pairs (after --start)")
+    ev.add_argument("--max-pairs", type=int, default=None,
+                    help="score N pairs (after --start): rows are read until N can be scored; later rows are not read")
     ev.add_argument("--sample", type=int, default=None, help="score a random sample of N pairs (seeded by --seed)")
     ev.add_argument("--max-length", type=int, default=512)
     ev.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
@@ -84,11 +95,43 @@ def _train(args) -> int:
     return 0
 
 
-def _validate(args) -> int:
-    from posttrain.recipe import load_recipe
+def _recipe_data(args):
+    """The recipe, its loss, tokenizer and data, as training would load them, without any model."""
+    from pathlib import Path
 
-    load_recipe(args.recipe, args.overrides)
-    print(f"{args.recipe}: valid")
+    from posttrain.losses import build_loss
+    from posttrain.models import load_tokenizer
+    from posttrain.recipe import load_recipe
+    from posttrain.steps.run_data import load_run_data
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    search_dirs = [Path(args.recipe).resolve().parent]
+    loss = build_loss(recipe.loss, search_dirs)
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    return recipe, tokenizer, load_run_data(recipe, loss, tokenizer, search_dirs)
+
+
+def _validate(args) -> int:
+    _, _, data = _recipe_data(args)
+    print(f"{args.recipe}: valid (recipe, plug-ins and data: {data.summary()})")
+    return 0
+
+
+def _inspect(args) -> int:
+    from posttrain.data.inspect import describe_pair, describe_prompt
+
+    recipe, tokenizer, data = _recipe_data(args)
+    pairs = data.train_pairs if args.split == "train" else data.heldout_pairs
+    prompts = data.train_prompt_ids if args.split == "train" else data.heldout_prompt_ids
+    examples = data.train_examples if args.split == "train" else data.heldout_examples
+    print(f"{args.recipe}: data.{args.split}, template {recipe.data.template}, {data.summary()}; "
+          f"[loss] marks the tokens the loss is computed on, [context] the others\n")
+    if examples:
+        for example, ids in list(zip(examples, prompts))[:args.rows]:
+            print(describe_prompt(tokenizer, example, ids))
+    else:
+        for pair in pairs[:args.rows]:
+            print(describe_pair(tokenizer, pair))
     return 0
 
 
@@ -119,7 +162,7 @@ LEVEL_NOTES = {"grpo": "  [level token for loss_type dapo/bnpo, sequence for grp
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "validate": _validate, "eval": _eval, "losses": _losses}
+    handlers = {"train": _train, "validate": _validate, "inspect": _inspect, "eval": _eval, "losses": _losses}
     try:
         return handlers[args.command](args)
     except PosttrainError as exc:

@@ -35,7 +35,12 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: Union[str, list[str]] = "all-linear"
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature (peft's use_dora)
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) instead of alpha / r
+    modules_to_save: Optional[list[str]] = None  # modules trained in full beside the adapter, e.g. [lm_head]
     init_adapter: Optional[str] = None  # start from an existing peft adapter directory
+    # base_model_name_or_path written into final/: null = portable (the hub id for the built-in alias)
+    adapter_base: Optional[str] = None
 
 
 @dataclass
@@ -55,8 +60,8 @@ class DataSource:
     path: Optional[str] = None
     builtin: Optional[str] = None  # name of a built-in task, e.g. "arithmetic"
     split: str = "train"  # for built-in tasks: train | heldout; for datasets dirs: the split name
-    # pairs: trl | hh; prompts (online RL): gsm8k | math | rl | prompt_answer (docs/rewards.md); auto detects
-    format: Literal["auto", "trl", "hh", "gsm8k", "math", "rl", "prompt_answer"] = "auto"
+    # pairs: trl | hh | sft (demonstrations, for the sft loss); prompts (online RL): gsm8k | math | rl | prompt_answer (docs/rewards.md); auto detects
+    format: Literal["auto", "trl", "hh", "sft", "gsm8k", "math", "rl", "prompt_answer"] = "auto"
     start: int = 0  # skip the first N valid rows (e.g. to hold out the rest of a file)
     limit: Optional[int] = None  # then keep at most N valid rows
     num_rows: Optional[int] = None  # for built-in tasks: how many pairs to generate
@@ -66,7 +71,7 @@ class DataSource:
 class DataConfig:
     train: DataSource = field(default_factory=lambda: DataSource(builtin="arithmetic"))
     heldout: Optional[DataSource] = None
-    template: Literal["plain", "chat"] = "chat"
+    template: Literal["auto", "chat", "plain"] = "auto"  # auto: chat messages via the chat template, text as is
     max_length: int = 512
     max_prompt_length: Optional[int] = None
     truncation: Literal["keep_start", "error"] = "keep_start"
@@ -195,9 +200,9 @@ class EvalConfig:
             (self.entanglement_pairs >= 1,
              f"eval.entanglement_pairs must be at least 1, got {self.entanglement_pairs}."),
         ]
-        for ok, message in problems:
-            if not ok:
-                raise RecipeError(message)
+        wrong = [message for ok, message in problems if not ok]
+        if wrong:
+            raise RecipeError(*wrong)
 
 
 @dataclass
@@ -225,3 +230,29 @@ class Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
+
+
+# TRL's names for what the recipe calls otherwise: the sentence shown when one is used as a key.
+TRL_NAMES = {
+    "learning_rate": "TRL's learning_rate is `train.lr` here.",
+    "gradient_accumulation_steps": "posttrain derives the accumulation steps: `train.batch_size` is the pairs (or "
+                                   "prompts) per optimiser step over all processes and `train.micro_batch_size` those "
+                                   "per forward/backward on one process; accumulation = batch_size / processes / "
+                                   "micro_batch_size.",
+    "per_device_train_batch_size": "TRL's per_device_train_batch_size is `train.micro_batch_size` here, and "
+                                   "`train.batch_size` the pairs per optimiser step over all processes.",
+    "num_train_epochs": "TRL's num_train_epochs is `train.epochs` here.",
+    "beta": "beta is a loss parameter: `loss: {name: dpo, params: {beta: 0.1}}` (or --set loss.params.beta=0.1).",
+    "lr_scheduler_type": "TRL's lr_scheduler_type is `train.lr_scheduler` here.",
+    "logging_steps": "TRL's logging_steps is `logging.every` here.",
+    "save_steps": "TRL's save_steps is `checkpoint.every` here.",
+    "eval_steps": "TRL's eval_steps is `eval.every` here.",
+    "output_dir": "TRL's output_dir is `run.output_dir` here.",
+    "seed": "TRL's seed is `run.seed` here.",
+    "loss_type": "the loss is named by `loss: {name: ...}` (`posttrain losses` lists them).",
+    "num_generations": "TRL's num_generations is `rollout.group_size` here.",
+    "max_completion_length": "TRL's max_completion_length is `rollout.max_new_tokens` here.",
+    "gradient_checkpointing": "it is `model.gradient_checkpointing` here.",
+    "max_prompt_length": "it is `data.max_prompt_length` here.",
+    "bf16": "it is `train.bf16` here.",
+}

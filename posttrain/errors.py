@@ -10,7 +10,12 @@ class PosttrainError(Exception):
 
 
 class RecipeError(PosttrainError):
-    """The recipe (YAML or --set override) is invalid."""
+    """The recipe (YAML or --set override) is invalid: one or more `problems`, reported together."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        super().__init__(problems[0] if len(problems) == 1 else
+                         f"the recipe has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 class DataError(PosttrainError):

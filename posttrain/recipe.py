@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import yaml
 
-from posttrain.config import Recipe
+from posttrain.config import TRL_NAMES, Recipe
 from posttrain.errors import RecipeError
 from posttrain.losses import ADVANTAGE_ESTIMATORS, build_loss
 from posttrain.models import check_attention
@@ -20,7 +20,7 @@ from posttrain.samplers import SAMPLERS
 from posttrain.typed import build_dataclass
 
 
-def _check_ranges(recipe: Recipe) -> None:
+def _range_problems(recipe: Recipe) -> list[str]:
     t = recipe.train
     checks = [
         (t.lr > 0, f"train.lr must be positive, got {t.lr}. A typical LoRA learning rate is 1e-4 to 5e-4."),
@@ -55,13 +55,12 @@ def _check_ranges(recipe: Recipe) -> None:
         (recipe.rollout.reward_timeout > 0, "rollout.reward_timeout must be positive."),
         (recipe.rollout.max_resample_rounds >= 0, "rollout.max_resample_rounds must be >= 0."),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise RecipeError(message)
+    problems = [message for ok, message in checks if not ok]
     for i, src in enumerate([recipe.data.train] + ([recipe.data.heldout] if recipe.data.heldout else [])):
         name = "data.train" if i == 0 else "data.heldout"
         if (src.path is None) == (src.builtin is None):
-            raise RecipeError(f"{name}: give exactly one of `path` (your data file) or `builtin` (a generated task).")
+            problems.append(f"{name}: give exactly one of `path` (your data file) or `builtin` (a generated task).")
+    return problems
 
 
 def _normalise_loss_section(raw: dict) -> dict:
@@ -129,25 +128,47 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Optional[list[str]
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
         raw = _normalise_loss_section(raw)
-    recipe = build_dataclass(Recipe, raw)
-    _check_ranges(recipe)
-    validate_plugins(recipe, [Path(path).resolve().parent] if path else [])
+    problems: list[str] = []
+    recipe = build_dataclass(Recipe, raw, problems=problems, hints=TRL_NAMES)
+    problems += _range_problems(recipe)
+    try:
+        validate_plugins(recipe, [Path(path).resolve().parent] if path else [])
+    except RecipeError as exc:
+        problems += exc.problems
+    if problems:
+        raise RecipeError(*problems)  # every mistake at once, not the first
     return recipe
 
 
 def validate_plugins(recipe: Recipe, search_dirs: list[Path]) -> None:
-    """Every plug-in's name and params, and the attention kernel against the layout (no model, no torch work)."""
-    loss = build_loss(recipe.loss, search_dirs)
+    """Every plug-in's name and params, and the attention kernel against the layout (no model, no torch
+    work). The mistakes of all of them are raised together."""
+    problems: list[str] = []
+
+    def check(validate, *args):
+        try:
+            return validate(*args)
+        except RecipeError as exc:
+            problems.extend(exc.problems)
+
+    loss = check(build_loss, recipe.loss, search_dirs)
     if recipe.rewards:
-        validate_reward_terms(recipe.rewards, search_dirs=search_dirs)
-    sampler = SAMPLERS.get(recipe.sampler.name, search_dirs)
-    SAMPLERS.params(sampler, recipe.sampler.params, f"sampler.params ({recipe.sampler.name})")
+        check(lambda: validate_reward_terms(recipe.rewards, search_dirs=search_dirs))
+    sampler = check(SAMPLERS.get, recipe.sampler.name, search_dirs)
+    if sampler is not None:
+        check(SAMPLERS.params, sampler, recipe.sampler.params, f"sampler.params ({recipe.sampler.name})")
     if recipe.rollout.engine != "hf":
-        ENGINES.get(recipe.rollout.engine, search_dirs)
+        check(ENGINES.get, recipe.rollout.engine, search_dirs)
+    if loss is not None and loss.data_kind == "groups" and loss.needs_reference and recipe.reference.precompute:
+        problems.append("reference.precompute works on a fixed set of pairs; an online run samples new "
+                        "completions every step. Set reference.precompute: false.")
     estimator = recipe.rollout.advantage_estimator
-    if estimator is not None:
+    if estimator is not None and loss is not None:
         if loss.data_kind != "groups" or not getattr(loss, "accepts_estimator", False):
-            raise RecipeError(f"rollout.advantage_estimator {estimator!r}: loss {recipe.loss[0].name!r} computes its "
-                              f"own advantages (or trains on pairs); remove the key.")
-        ADVANTAGE_ESTIMATORS.get(estimator)
-    check_attention(recipe.model.attn_implementation, recipe.train.share_prompt, recipe.train.packing)
+            problems.append(f"rollout.advantage_estimator {estimator!r}: loss {recipe.loss[0].name!r} computes its "
+                            f"own advantages (or trains on pairs); remove the key.")
+        else:
+            check(ADVANTAGE_ESTIMATORS.get, estimator)
+    check(check_attention, recipe.model.attn_implementation, recipe.train.share_prompt, recipe.train.packing)
+    if problems:
+        raise RecipeError(*problems)

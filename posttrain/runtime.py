@@ -20,6 +20,25 @@ from posttrain.errors import PosttrainError
 RECORDED_PACKAGES = ["torch", "transformers", "peft", "accelerate", "datasets", "trl", "deepspeed", "posttrain"]
 
 
+def _processes_asked_of_accelerate() -> int:
+    """The --num_processes of the `accelerate launch` that started this process, when accelerate's
+    single-process launcher did (it sets MASTER_ADDR, not WORLD_SIZE); 1 otherwise. Linux only."""
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return 1
+    try:
+        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return 1
+    if not any("accelerate" in word and "launch" in word or word == "launch" for word in words[:3]):
+        return 1
+    for i, word in enumerate(words):
+        flag, _, value = word.partition("=")
+        if flag.replace("-", "_") == "__num_processes":
+            value = value or (words[i + 1] if i + 1 < len(words) else "")
+            return int(value) if value.isdigit() else 1
+    return 1
+
+
 def make_accelerator(gradient_accumulation_steps: int, timeout_s: float | None = None):
     """An Accelerator for this launch. On CPU the process group uses gloo and the model is wrapped in
     DDP, and a launch that asked for several processes but would train on one alone is refused."""
@@ -35,6 +54,14 @@ def make_accelerator(gradient_accumulation_steps: int, timeout_s: float | None =
             f"process was not started by a distributed launcher and would train alone. Launch with "
             f"`accelerate launch --multi_gpu --num_processes {world} -m posttrain train ...` (on CPU too) or torchrun, "
             f"or unset WORLD_SIZE for a single-process run."
+        )
+    asked = _processes_asked_of_accelerate()
+    if world == 1 and asked > 1:
+        raise PosttrainError(
+            f"`accelerate launch --num_processes {asked}` started one process: without GPUs, or without "
+            f"--multi_gpu, accelerate runs the script once. Launch with `accelerate launch --multi_gpu "
+            f"--num_processes {asked} -m posttrain train ...` (on CPU too), --use_deepspeed, or an accelerate "
+            f"config file; or pass --num_processes 1 for a single-process run."
         )
     kwargs = []
     on_cpu = not torch.cuda.is_available()

@@ -20,12 +20,12 @@ from transformers import get_scheduler
 
 from posttrain import checkpoint as ckpt
 from posttrain.callbacks import StepEnd, build_callbacks
-from posttrain.checkpoint_state import (TrainingState, gather_objects, gather_training_state, load_native_checkpoint,
-                                        named_trainable, native_checkpoint_meta, restore_training_state)
+from posttrain.checkpoint_state import (TrainingState, follow_current_schedule, gather_objects, gather_training_state,
+                                        load_native_checkpoint, named_trainable, native_checkpoint_meta,
+                                        restore_training_state)
 from posttrain.config import Recipe, recipe_to_dict
 from posttrain.core import PolicyLogProbs
 from posttrain.core.logprobs import check_against_forward
-from posttrain.data.sources import load_pairs
 from posttrain.errors import ModelError, PosttrainError, RecipeError
 from posttrain.eval.entanglement import EntanglementDiagnostic, entanglement_due
 from posttrain.eval.generation import greedy_evaluation
@@ -34,7 +34,7 @@ from posttrain.eval.training import HeldoutRanking
 from posttrain.logs import MetricsWriter, get_logger
 from posttrain.losses import build_loss
 from posttrain.memory import check_micro_batch_memory
-from posttrain.models import load_policy_and_reference, resolve_model_path
+from posttrain.models import adapter_base_model, load_policy_and_reference, load_tokenizer, resolve_model_path
 from posttrain.plan import StepPlan, micro_batches_per_step
 from posttrain.rewards import build_reward_set
 from posttrain.rollout import EngineContext
@@ -44,6 +44,7 @@ from posttrain.steps import online_setup
 from posttrain.steps.common import OptimiserStep, StepContext
 from posttrain.steps.groups import GroupStep
 from posttrain.steps.pairs import PairStep
+from posttrain.steps.run_data import load_run_data
 from posttrain.zero import gathered, timed, zero_stage
 
 # Recipe sections that may change between a checkpoint and its resume without --force.
@@ -58,6 +59,7 @@ class Trainer:
         self.log = get_logger()
         self.output_dir = Path(recipe.run.output_dir)
         self.is_set_up = False
+        self.tokens_seen = 0.0  # TRL's num_tokens: restored on resume
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -81,20 +83,22 @@ class Trainer:
                                  f"--resume, choose another run.output_dir, or pass --force to start over there.")
         with acc.main_process_first():  # the alias's one-off conversion; the lock covers other launches
             resolve_model_path(r.model.name_or_path)
-        # All processes load together: under ZeRO-3 loading is itself collective.
-        self.tokenizer, self.policy, self.reference = load_policy_and_reference(r, self.loss.needs_reference)
+        self.tokenizer = load_tokenizer(r.model.name_or_path, r.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id
+        skipped = self.output_dir / "skipped_rows.jsonl" if acc.is_main_process else None
+        data = load_run_data(r, self.loss, self.tokenizer, self.search_dirs, skipped)  # before any model loads
+        self.train_pairs, self.heldout_pairs = data.train_pairs, data.heldout_pairs
+        self.train_examples, self.heldout_examples = data.train_examples, data.heldout_examples
+        self.train_prompt_ids, self.heldout_prompt_ids = data.train_prompt_ids, data.heldout_prompt_ids
+        items = data.train_items
+        # All processes load together: under ZeRO-3 loading is itself collective.
+        self.policy, self.reference = load_policy_and_reference(r, self.loss.needs_reference)
         logprobs = PolicyLogProbs(self.policy)
         try:
             with gathered(list(self.policy.parameters()), zero_stage(acc)):
                 check_against_forward(logprobs, torch.device("cpu"))
         except ValueError as exc:
             raise ModelError(f"model {r.model.name_or_path!r} cannot be trained by posttrain: {exc}.") from None
-        skipped = self.output_dir / "skipped_rows.jsonl" if acc.is_main_process else None
-        if self.online:
-            items = self._setup_prompts(skipped)
-        else:
-            items = self._setup_pairs(skipped)
         self.plan = StepPlan(len(items), t.batch_size, t.epochs, r.run.seed, t.shuffle, t.max_steps)
         self.n_micro = micro_batches_per_step(t.batch_size, self.world, t.micro_batch_size)
         acc.gradient_accumulation_steps = self.n_micro
@@ -127,37 +131,12 @@ class Trainer:
                                             self.scheduler, self.output_dir)
         if acc.is_main_process:
             write_run_record(self.output_dir, recipe_to_dict(r), r.run.seed, self.world)
-
-    def _setup_pairs(self, skipped: Optional[Path]) -> list:
-        """Tokenised training and held-out pairs of an offline run."""
-        r = self.recipe
-        self.train_pairs, _, _ = load_pairs(r.data.train, r.data, self.tokenizer, r.run.seed, "data.train", skipped)
-        self.heldout_pairs = []
-        if r.data.heldout is not None:
-            self.heldout_pairs, _, _ = load_pairs(r.data.heldout, r.data, self.tokenizer, r.run.seed, "data.heldout",
-                                                  skipped)
-            self.heldout_pairs = self.loss.prepare_pairs(self.heldout_pairs[:r.eval.max_pairs], self.tokenizer)
-        self.train_pairs = self.loss.prepare_pairs(self.train_pairs, self.tokenizer)
-        return self.train_pairs
-
-    def _setup_prompts(self, skipped: Optional[Path]) -> list:
-        """Prompts of an online run, and their token ids."""
-        r = self.recipe
-        if not r.rewards:
-            raise RecipeError(f"loss {r.loss[0].name!r} trains on sampled groups and needs at least one reward: add "
-                              f"a `rewards:` section (for example `rewards: [{{name: math}}]`; see docs/rewards.md).")
-        self.train_examples = online_setup.load_examples(r.data.train, r.data.invalid_rows, skipped, "data.train")
-        self.heldout_examples = []
-        if r.data.heldout:
-            self.heldout_examples = online_setup.load_examples(r.data.heldout, r.data.invalid_rows, skipped,
-                                                               "data.heldout")[:r.eval.max_pairs]
-        if r.train.batch_size > len(self.train_examples):
-            raise RecipeError(f"train.batch_size={r.train.batch_size} prompts per step, but data.train has only "
-                              f"{len(self.train_examples)} prompts.")
-        tokenize = lambda examples: online_setup.tokenize_prompts(examples, self.tokenizer, r.data.template,  # noqa
-                                                                  r.data.max_prompt_length)
-        self.train_prompt_ids, self.heldout_prompt_ids = tokenize(self.train_examples), tokenize(self.heldout_examples)
-        return self.train_examples
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+        unit = "prompts" if self.online else "pairs"
+        self._say(f"{self.world} process{'es' if self.world > 1 else ''} (backend {backend}, distributed type "
+                  f"{acc.distributed_type.value}, device {acc.device}); {self.plan.total_steps} steps of "
+                  f"{t.batch_size} {unit}, {self.n_micro} micro-batch{'es' if self.n_micro > 1 else ''} of up to "
+                  f"{t.micro_batch_size} per process per step; outputs in {self.output_dir.resolve()}")
 
     def _build_step(self):
         r, acc, ctx = self.recipe, self.accelerator, self.context
@@ -168,9 +147,6 @@ class Trainer:
                                                        [:r.eval.entanglement_pairs], self.pad_id, r.train.bf16,
                                                        self.metrics, self.log)
             return PairStep(ctx, self.loss, self.train_pairs, self.plan, r.reference.precompute, r.eval.batch_size)
-        if self.loss.needs_reference and r.reference.precompute:
-            raise RecipeError("reference.precompute works on a fixed set of pairs; an online run samples new "
-                              "completions every step. Set reference.precompute: false.")
         self.rewards = build_reward_set(r.rewards, num_workers=r.rollout.reward_workers,
                                         timeout_s=r.rollout.reward_timeout, search_dirs=self.search_dirs)
         component = r.sampler.success_component or r.rewards[0].name
@@ -275,7 +251,8 @@ class Trainer:
             training_state = gather_training_state(state, with_parameters=self.recipe.lora.enabled)
         rngs = gather_objects(self.world, rng_state())
         trainer_state = {"step": step, "epoch": self.plan.epoch_of(step), "data_position": step,
-                         "recipe": recipe_to_dict(self.recipe), "world_size": self.world, "history": history}
+                         "recipe": recipe_to_dict(self.recipe), "world_size": self.world, "history": history,
+                         "num_tokens": self.tokens_seen}
         if self.online:
             trainer_state["sampler"] = self.step.sampler.state_dict()
         acc.wait_for_everyone()
@@ -285,7 +262,8 @@ class Trainer:
                                      self.scheduler, rngs, trainer_state, self.recipe.checkpoint.keep_last,
                                      self.callbacks)
                 if final:
-                    ckpt.save_final(self.peft_model, self.tokenizer, self.output_dir)
+                    ckpt.save_final(self.peft_model, self.tokenizer, self.output_dir,
+                                    *adapter_base_model(self.recipe.model.name_or_path, self.recipe.lora.adapter_base))
         acc.wait_for_everyone()
 
     def _try_resume(self) -> tuple[int, dict]:
@@ -295,27 +273,37 @@ class Trainer:
             self.metrics.truncate_after(0)
             return 0, {}
         saved = json.loads((path / "trainer_state.json").read_text())
-        differences = [key for key in _recipe_differences(saved["recipe"], recipe_to_dict(self.recipe))
+        differences = [(key, old, new) for key, old, new in
+                       _recipe_differences(saved["recipe"], recipe_to_dict(self.recipe))
                        if key != "run.output_dir"]  # a run directory moved or copied elsewhere resumes there
+        listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences)
         if differences and not self.force:
-            raise PosttrainError(f"cannot resume from {path}: the recipe differs from the checkpoint's in "
-                                 f"{', '.join(differences)}. Restore those values, or pass --force to resume anyway.")
+            raise PosttrainError(f"cannot resume from {path}: the recipe differs from the checkpoint's ({listed}). "
+                                 f"Restore those values, or pass --force to resume anyway.")
+        if differences:
+            self.log.warning("--force: resuming with a changed recipe (%s)", listed)
         tensors, meta, state = ckpt.read_checkpoint(path, self.scheduler, self.rank)
         if meta.get("deepspeed_native"):
             load_native_checkpoint(self.training_state, path, meta)
         else:
             restore_training_state(self.training_state, tensors, meta)
+        follow_current_schedule(self.scheduler, self.recipe.train.lr)
+        if differences:
+            self.log.warning("learning-rate schedule rebuilt for %d steps: %.6g at step %d",
+                             self.plan.total_steps, self.scheduler.get_last_lr()[0], state["step"])
         if self.online:
             self.step.sampler.load_state_dict(state["sampler"])
         self.log.info("resumed from %s (step %d, written by %d process%s)", path, state["step"],
                       state.get("world_size", 1), "es" if state.get("world_size", 1) > 1 else "")
         self.metrics.truncate_after(state["step"])
+        self.tokens_seen = state.get("num_tokens", 0.0)
         return state["step"], state.get("history", {})
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         self.setup()
         acc, r = self.accelerator, self.recipe
+        self.tokens_seen = 0.0
         start, history = self._try_resume() if self.resume else (0, {})
         headline = "pass@1" if self.online else "ranking_accuracy"
         heldout_size = f"{len(self.heldout_examples)} prompts" if self.online else f"{len(self.heldout_pairs)} pairs"
@@ -335,7 +323,10 @@ class Trainer:
             record = self.train_step(step)
             record.update(self.context.timings)
             elapsed = time.time() - t0
-            record["tokens_per_second"] = record.pop("num_tokens") / max(elapsed, 1e-9)
+            tokens = record.pop("num_tokens")
+            self.tokens_seen += tokens
+            record["tokens_per_second"] = tokens / max(elapsed, 1e-9)
+            record["num_tokens"] = self.tokens_seen  # TRL's name: the tokens processed so far
             record["epoch"] = (step + 1) / self.plan.steps_per_epoch
             record["step_time"] = elapsed
             done = step + 1
@@ -371,6 +362,7 @@ class Trainer:
                     line = (f"held-out {name}: {before[headline]:.4f} before -> {after[headline]:.4f} after "
                             f"({delta:+.1f} points, {heldout_size})")
                 self._say(line)
+            self._say(f"final {'adapter' if r.lora.enabled else 'model'}: {(self.output_dir / 'final').resolve()}")
         self.metrics.close()
         if self.online:
             self.rewards.close()
@@ -382,15 +374,16 @@ class Trainer:
             tqdm.write(f"[posttrain] {text}")
 
 
-def _recipe_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    keys = []
+def _recipe_differences(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, checkpoint's value, current value) for every recipe value that changed."""
+    changed = []
     for key in sorted(set(saved) | set(current)):
         if not prefix and key in RESUME_FREE_KEYS:
             continue
         a, b = saved.get(key), current.get(key)
         path = f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _recipe_differences(a, b, path + ".")
+            changed += _recipe_differences(a, b, path + ".")
         elif a != b:
-            keys.append(path)
-    return keys
+            changed.append((path, a, b))
+    return changed

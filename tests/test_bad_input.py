@@ -109,3 +109,87 @@ def test_the_real_command_exits_2_without_traceback(tmp_path, tiny_model_dir):
     assert [line for line in result.stderr.splitlines() if line.startswith("posttrain error")]
     assert "Traceback" not in result.stderr and all(w in result.stderr for w in words)
     _assert_nothing_written(run)
+
+
+# ------------------------------------------------------------------------ data and plug-ins before any model
+def _early_case(name: str, tmp_path: Path, model_dir: Path) -> tuple[dict, list[str]]:
+    """(recipe, words of the message) of a mistake that must be found before the model loads."""
+    good = (_valid_row(0) + "\n" + _valid_row(1) + "\n").encode()
+    offline = tiny_recipe(model_dir, tmp_path / "run", logging={"progress_bar": False, "tensorboard": False},
+                          train={"max_steps": 2, "batch_size": 2, "micro_batch_size": 2})
+    online = tiny_recipe(model_dir, tmp_path / "run", loss={"name": "grpo"}, rewards=[{"name": "exact_match"}],
+                         rollout={"group_size": 2, "max_new_tokens": 4, "reward_workers": 0},
+                         logging={"progress_bar": False, "tensorboard": False},
+                         train={"max_steps": 2, "batch_size": 2, "micro_batch_size": 2})
+    if name == "missing data path":
+        offline["data"] = {**offline["data"], "train": {"path": str(tmp_path / "nosuch.jsonl")}, "heldout": None}
+        return offline, ["nosuch.jsonl", "does not exist"]
+    if name == "broken json":
+        offline["data"] = {**offline["data"], **_data_with(tmp_path, good + b'{"prompt": "Q?", "chosen": \n')}
+        return offline, ["data.jsonl, line 3", "invalid JSON"]
+    if name == "missing field":
+        rows = good + (json.dumps({"prompt": "Q?", "chosen": " a"}) + "\n").encode()
+        offline["data"] = {**offline["data"], **_data_with(tmp_path, rows)}
+        return offline, ["data.jsonl, row 3", "'rejected'", "missing field"]
+    if name == "wrong columns":
+        rows = "".join(json.dumps({"question": "Q?", "good": " a", "bad": " b"}) + "\n" for _ in range(2))
+        offline["data"] = {**offline["data"], **_data_with(tmp_path, rows.encode())}
+        return offline, ["data.jsonl", "cannot tell the data format"]
+    if name == "prompt without the answer its reward needs":
+        rows = [{"prompt": "1 + 1 =", "answer": "2"}, {"prompt": "2 + 2 ="}, {"prompt": "3 + 3 =", "answer": "6"}]
+        path = tmp_path / "prompts.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        online["data"] = {**online["data"], "train": {"path": str(path)}, "heldout": None}
+        return online, ["prompts.jsonl, row 2", "'answer'", "exact_match"]
+    if name == "sampler param typo":
+        online["sampler"] = {"name": "vade", "params": {"lambda_1": 0.2}}
+        return online, ["sampler.params (vade)", "lambda_1", "Did you mean 'lambda1'"]
+    if name == "sampler param out of range":
+        online["sampler"] = {"name": "vade", "params": {"lambda1": 1.5}}
+        return online, ["sampler.params (vade)", "lambda1", "[0, 1]", "1.5"]
+    raise KeyError(name)
+
+
+EARLY_CASES = ["missing data path", "broken json", "missing field", "wrong columns",
+               "prompt without the answer its reward needs", "sampler param typo", "sampler param out of range"]
+
+
+@pytest.mark.parametrize("command", ["train", "validate"])
+@pytest.mark.parametrize("case", EARLY_CASES)
+def test_data_and_plugin_mistakes_are_reported_before_any_model_loads(case, command, tmp_path, tiny_model_dir,
+                                                                      cli_stderr, monkeypatch):
+    import posttrain.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(posttrain.models, "load_causal_lm", no_model)
+    monkeypatch.chdir(tmp_path)
+    raw, words = _early_case(case, tmp_path, tiny_model_dir)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.main([command, str(path)]) == 2
+    err = cli_stderr.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("posttrain error")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+
+
+def test_validate_reads_the_data_and_says_what_it_found(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import posttrain.models
+
+    monkeypatch.setattr(posttrain.models, "load_causal_lm", lambda *a, **k: pytest.fail("validate loaded a model"))
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.main(["validate", str(path)]) == 0
+    assert "valid (recipe, plug-ins and data: 256 training pairs, 64 held-out pairs)" in capsys.readouterr().out
+
+
+def test_eval_on_a_missing_file_is_one_paragraph(tmp_path, cli_stderr, tiny_model_dir):
+    code = cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nosuch.jsonl"),
+                     "--no-progress"])
+    err = cli_stderr.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert "nosuch.jsonl" in err and "does not exist" in err

@@ -399,7 +399,7 @@ def test_real_hh_rlhf_helpful_base_with_skip(tmp_path, tokenizer):
     assert sum(i.reason == "chosen and rejected are identical" for i in invalid) == identical
     assert len(log.read_text(encoding="utf-8").splitlines()) == len(invalid)
     assert stats.truncated == 0
-    assert stats.boundary_fallbacks == 0  # HH responses start with a space: the joint split is exact
+    assert stats.boundary_merges == 0  # HH responses start with a space: no token crosses the prompt's end
     # every pair's completion ends with EOS and decodes back to the raw dialogue's last response
     by_row = {i + 1: json.loads(line) for i, line in enumerate(raw_lines)}
     for pair in pairs[::97]:
@@ -419,34 +419,46 @@ TOKENIZE_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("template", ["plain", "chat"])
-def test_tokenisation_joint_boundary_and_eos(tokenizer, template):
+@pytest.mark.parametrize("template", ["plain", "chat", "auto"])
+def test_tokenisation_joint_boundary_and_end_of_turn(tokenizer, template):
     pairs, invalid, stats = tokenize_pairs(TOKENIZE_ROWS, tokenizer, template, max_length=512)
-    assert invalid == [] and stats.rows == 4 and stats.truncated == 0 and stats.boundary_fallbacks == 0
+    assert invalid == [] and stats.rows == 4 and stats.truncated == 0 and stats.boundary_merges == 0
+    # auto: the row whose prompt is chat messages goes through the chat template, the string prompts stay text
+    assert stats.chat_rows == {"plain": 0, "chat": 4, "auto": 1}[template]
     eos = tokenizer.eos_token_id
     for row, pair in zip(TOKENIZE_ROWS, pairs):
+        chat = template == "chat" or (template == "auto" and isinstance(row.prompt, list))
         prompt_text = render_prompt(tokenizer, row.prompt, template)
         # the prompt's tokens are exactly the prompt's own tokenisation
-        assert pair.prompt_ids == tokenizer(prompt_text, add_special_tokens=template == "plain")["input_ids"]
-        for response, ids in ((row.chosen, pair.chosen_ids), (row.rejected, pair.rejected_ids)):
-            expected_response = response.strip() if template == "chat" else response
-            assert ids[-1] == eos and eos not in ids[:-1]  # EOS appended once, and counted in the completion
-            assert tokenizer.decode(pair.prompt_ids + ids[:-1]) == prompt_text + expected_response
-            joint = tokenizer(prompt_text + expected_response, add_special_tokens=template == "plain")["input_ids"]
-            assert pair.prompt_ids + ids[:-1] == joint  # tokenised jointly: the same ids as the whole string
+        assert pair.prompt_ids == tokenizer(prompt_text, add_special_tokens=not chat)["input_ids"]
+        for response, ids, tail in ((row.chosen, pair.chosen_ids, pair.chosen_tail),
+                                    (row.rejected, pair.rejected_ids, pair.rejected_tail)):
+            if chat:  # the template's rendering of the whole conversation, its end of turn included
+                messages = hh_to_messages(row.prompt) if isinstance(row.prompt, str) and "Human:" in row.prompt \
+                    else row.prompt if isinstance(row.prompt, list) else [user(row.prompt)]
+                whole = tokenizer.apply_chat_template(messages + [assistant(response)], tokenize=False)
+                assert tokenizer.decode(ids[-tail:]) == "<|im_end|>\n" and tail == 2
+            else:  # prompt + response + the EOS text, tokenised as one string
+                whole = prompt_text + response + tokenizer.eos_token
+                assert ids[-1] == eos and eos not in ids[:-1] and tail == 1
+            assert pair.prompt_ids + ids == tokenizer(whole, add_special_tokens=not chat)["input_ids"]
+            assert tokenizer.decode(pair.prompt_ids + ids[:-tail]) == whole[:len(whole) - len(
+                tokenizer.decode(ids[-tail:]))]
         assert (pair.source, pair.row, pair.truncated) == ("f", row.row, False)
     if template == "chat":
         assert pairs[0].prompt_ids[-4:] == tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
 
 
-def test_tokenisation_boundary_fallback_is_counted(tokenizer):
-    # a prompt ending in a space: jointly, " yes" is one token crossing the prompt's end
+def test_tokenisation_boundary_merge_is_counted_and_cut_as_trl_does(tokenizer):
+    # a prompt ending in a space: jointly, " yes" is one token crossing the prompt's end, so the prompt keeps only
+    # the tokens it shares with prompt + response (TRL's common-prefix rule)
     row = PreferenceRow("Answer: ", "yes", "no", "f", 1)
     pairs, _, stats = tokenize_pairs([row], tokenizer, "plain", max_length=64)
-    assert stats.boundary_fallbacks == 2
+    assert stats.boundary_merges == 1
     (pair,) = pairs
-    assert pair.prompt_ids == tokenizer("Answer: ")["input_ids"]
-    assert pair.chosen_ids == tokenizer("yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    alone = tokenizer("Answer: ")["input_ids"]
+    assert pair.prompt_ids == alone[:-1] and len(pair.prompt_ids) < len(alone)
+    assert pair.prompt_ids + pair.chosen_ids == tokenizer("Answer: yes" + tokenizer.eos_token)["input_ids"]
     assert tokenizer.decode(pair.prompt_ids + pair.chosen_ids[:-1]) == "Answer: yes"
 
 
@@ -590,9 +602,9 @@ def test_arithmetic_same_token_count_under_chat_template(tokenizer):
     pairs, invalid, stats = tokenize_pairs(rows, tokenizer, "chat", max_length=512)
     assert invalid == [] and stats.truncated == 0 and len(pairs) == len(rows)
     for row, pair in zip(rows, pairs):
-        assert len(pair.chosen_ids) == len(pair.rejected_ids)
-        assert tokenizer.decode(pair.chosen_ids[:-1]) == row.chosen
-        assert tokenizer.decode(pair.rejected_ids[:-1]) == row.rejected
+        assert len(pair.chosen_ids) == len(pair.rejected_ids) and pair.chosen_tail == pair.rejected_tail == 2
+        assert tokenizer.decode(pair.chosen_ids[:-2]) == row.chosen
+        assert tokenizer.decode(pair.rejected_ids[:-2]) == row.rejected
 
 
 def test_builtin_rows_shuffle_num_rows_and_errors():

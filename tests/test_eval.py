@@ -366,9 +366,12 @@ def test_pandalm_votes_give_alpha_and_majority_ties_are_excluded(tiny_model_dir,
                  "--output", str(out)]) == 0
     capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
-    excluded = report["inputs"]["excluded"]
-    assert excluded["rows"] == 5 and excluded["kept"] == 3
-    assert excluded["excluded_majority_tie"] == 1 and excluded["excluded_no_majority"] == 1
+    votes, excluded = report["inputs"]["votes"], report["inputs"]["excluded"]
+    assert votes["rows"] == 5 and votes["kept"] == 3
+    assert votes["excluded_majority_tie"] == 1 and votes["excluded_no_majority"] == 1
+    assert excluded == {"a majority tie between the annotators": 1, "no majority among the annotators": 1}
+    assert "Excluded before scoring: 1 a majority tie between the annotators; 1 no majority among the annotators." \
+        in (out / "summary.md").read_text()
     assert "votes" in report["inputs"]["alpha_source"]
     records = {r["row"]: r for r in map(json.loads, (out / "pairs.jsonl").read_text().splitlines())}
     assert sorted(records) == [1, 2, 5]

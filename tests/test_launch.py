@@ -30,6 +30,23 @@ def test_world_size_without_a_launcher_is_refused(tiny_model_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_accelerate_launch_num_processes_without_multi_gpu_names_the_fix(tiny_model_dir, tmp_path):
+    """On CPU, `accelerate launch --num_processes 2` (no --multi_gpu) runs the script once; posttrain
+    stops instead of training alone, before it writes anything."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, tmp_path / "run")))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                             "-m", "posttrain", "train", str(path)], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode != 0
+    assert "`accelerate launch --num_processes 2` started one process" in result.stderr, result.stderr[-2000:]
+    assert "--multi_gpu --num_processes 2" in result.stderr
+    assert f'File "{ROOT / "posttrain"}' not in result.stderr  # accelerate's own report of the exit may follow
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("processes, kind", [(1, "MULTI_CPU"), (2, "NO")])
 def test_a_launch_that_ends_up_with_one_process_is_refused(monkeypatch, processes, kind):
     """If accelerate ever sets up one process although the launcher started two (as it does on CPU
@@ -69,5 +86,9 @@ def test_two_processes_train_together(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["world_size"] == 2
     assert result.stderr.count("data.train:") == 1  # one process reports
+    assert result.stdout.count("[posttrain] 2 processes (backend gloo, distributed type MULTI_CPU") == 1
+    assert "3 steps of 8 pairs, 2 micro-batches of up to 2 per process per step" in result.stdout
+    assert f"outputs in {(tmp_path / 'run').resolve()}" in result.stdout
+    assert f"final adapter: {(tmp_path / 'run' / 'final').resolve()}" in result.stdout
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]

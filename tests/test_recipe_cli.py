@@ -49,6 +49,22 @@ def test_recipe_mistakes_are_named(raw, words):
         assert word in str(info.value), (word, str(info.value))
 
 
+def test_every_recipe_mistake_is_reported_at_once_with_trl_names_explained():
+    raw = {"train": {"learning_rate": 1e-4, "gradient_accumulation_steps": 4, "batch_size": 0, "beta": 0.1},
+           "loss": {"name": "dpo", "params": {"betta": 0.1}}, "data": {"template": "chatml"}}
+    with pytest.raises(RecipeError) as info:
+        load_recipe(raw=raw)
+    message = str(info.value)
+    assert message.startswith("the recipe has 6 problems:"), message
+    assert "unknown key 'train.learning_rate'. TRL's learning_rate is `train.lr` here." in message
+    assert "unknown key 'train.gradient_accumulation_steps'. posttrain derives the accumulation steps" in message
+    assert "unknown key 'train.beta'. beta is a loss parameter: `loss: {name: dpo, params: {beta: 0.1}}`" in message
+    assert "data.template: 'chatml' is not one of" in message
+    assert "train.batch_size must be at least 1, got 0." in message  # a range check beside the key mistakes
+    assert "betta" in message  # and the loss's params, checked by its plug-in
+    assert len(info.value.problems) == 6
+
+
 def test_set_overrides_reach_nested_keys_and_the_single_loss_term():
     recipe = load_recipe(ROOT / "recipes" / "dpo_smollm2_demo.yaml",
                          ["train.lr=1e-3", "loss.params.beta=0.25", "data.heldout.num_rows=10"])

@@ -299,7 +299,8 @@ def test_user_weight_spans_from_the_data_row(tokenizer):
     decoded_c = [tokenizer.decode([i]) for i in pair.chosen_ids]
     decoded_r = [tokenizer.decode([i]) for i in pair.rejected_ids]
     assert dict(zip(decoded_c, pair.chosen_weights)) == {"Take": 1.0, " two": 3.0, " tablets": 1.0, " daily": 1.0,
-                                                         ".": 1.0, "<|im_end|>": 1.0}
+                                                         ".": 1.0, "<|im_end|>": 1.0, "\n": 1.0}
+    assert (pair.chosen_tail, pair.rejected_tail) == (2, 2)  # the chat template's "<|im_end|>\n" after the turn
     assert dict(zip(decoded_r, pair.rejected_weights))["Take"] == 0.0
     assert dict(zip(decoded_r, pair.rejected_weights))[" ten"] == 2.0
     # With the difference weights on, the user weight is multiplied by diff_weight where tokens differ.

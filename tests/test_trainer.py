@@ -182,9 +182,29 @@ def test_resume_refuses_a_changed_recipe(tiny_model_dir, tmp_path):
     assert _train_cli(path).returncode == 0
     changed = _train_cli(path, "--resume", "--set", "train.lr=0.5")
     assert changed.returncode == 2
-    assert "train.lr" in changed.stderr and "--force" in changed.stderr and "Traceback" not in changed.stderr
+    assert "train.lr: 0.01 in the checkpoint, 0.5 now" in changed.stderr and "--force" in changed.stderr
+    assert "Traceback" not in changed.stderr
     again = _train_cli(path)
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_resume_with_force_after_raising_max_steps_follows_the_new_schedule(tiny_model_dir, tmp_path):
+    """A run of 2 linear-decay steps extended to 4 with --resume --force takes the learning rates of a
+    straight 4-step run at steps 3 and 4 (0.005, 0.0025), not the old run's final 0.0."""
+    def learning_rates(run: str, max_steps: int, **flags) -> dict[int, float]:
+        raw = tiny_recipe(tiny_model_dir, tmp_path / run, data={"heldout": None},
+                          train={"max_steps": max_steps, "batch_size": 8, "micro_batch_size": 8,
+                                 "lr_scheduler": "linear"},
+                          logging={"tensorboard": False, "progress_bar": False})
+        Trainer(recipe_from(raw), **flags).train()
+        lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {x["step"]: x["learning_rate"] for x in lines if "loss" in x}
+
+    straight = learning_rates("straight", 4)
+    assert straight == pytest.approx({1: 0.01, 2: 0.0075, 3: 0.005, 4: 0.0025})
+    learning_rates("extended", 2)
+    extended = learning_rates("extended", 4, resume=True, force=True)
+    assert extended == pytest.approx({1: 0.01, 2: 0.005, 3: 0.005, 4: 0.0025})
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

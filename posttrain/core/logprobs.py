@@ -43,21 +43,26 @@ class LogitProcessing:
 
 
 def _chunk_logprobs(output_layer: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                    temperature: float, processing: LogitProcessing = LogitProcessing()) -> torch.Tensor:
+                    temperature: float, processing: LogitProcessing = LogitProcessing()
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of `targets`, the mean logit over the vocabulary, detached) at each row of `hidden`."""
     logits = output_layer(hidden)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     logits = processing(logits)
+    mean_logit = logits.detach().mean(-1)
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return picked - torch.logsumexp(logits, dim=-1), mean_logit
 
 
 def chunked_token_logprobs(output_layer: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                            temperature: float = 1.0, chunk_size: int = 1024,
-                           processing: LogitProcessing = LogitProcessing()) -> torch.Tensor:
-    """log softmax(processing(output_layer(hidden)) / temperature)[targets], for hidden [M, H] and targets [M]."""
+                           processing: LogitProcessing = LogitProcessing(),
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(processing(output_layer(hidden)) / temperature)[targets], for hidden [M, H] and targets [M],
+    and the mean of processing(output_layer(hidden)) over the vocabulary (TRL's logits/chosen), detached."""
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
@@ -67,9 +72,10 @@ def chunked_token_logprobs(output_layer: nn.Module, hidden: torch.Tensor, target
         else:
             pieces.append(_chunk_logprobs(output_layer, h, t, temperature, processing))
     if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16)
-                                else hidden.dtype)
-    return torch.cat(pieces)
+        empty = hidden.new_zeros(0, dtype=torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16)
+                                 else hidden.dtype)
+        return empty, empty
+    return torch.cat([logp for logp, _ in pieces]), torch.cat([mean for _, mean in pieces])
 
 
 def token_entropy(output_layer: nn.Module, hidden: torch.Tensor, temperature: float = 1.0,
@@ -107,7 +113,9 @@ class PolicyLogProbs(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, loss_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, temperature: float = 1.0,
-                return_entropy: bool = False):
+                return_entropy: bool = False, return_mean_logits: bool = False):
+        """Log-probs [N, L-1]; with `return_entropy` also the per-token entropy, with `return_mean_logits`
+        the per-token mean logit over the vocabulary (both detached, same shape; in that order)."""
         base = _base_model(self.model)
         decoder = base.get_decoder()
         output_layer = base.get_output_embeddings()
@@ -116,12 +124,16 @@ class PolicyLogProbs(nn.Module):
         target_mask = loss_mask[:, 1:].bool()
         selected = hidden[:, :-1][target_mask]
         targets = input_ids[:, 1:][target_mask]
-        logps = chunked_token_logprobs(output_layer, selected, targets, temperature, self.chunk_size, self.processing)
-        dense = logps.new_zeros(target_mask.shape).masked_scatter(target_mask, logps)
-        if not return_entropy:
-            return dense
-        entropy = token_entropy(output_layer, selected.detach(), temperature, self.chunk_size, self.processing)
-        return dense, entropy.new_zeros(target_mask.shape).masked_scatter(target_mask, entropy)
+        logps, mean_logits = chunked_token_logprobs(output_layer, selected, targets, temperature, self.chunk_size,
+                                                    self.processing)
+        dense = lambda values: values.new_zeros(target_mask.shape).masked_scatter(target_mask, values)  # noqa: E731
+        outputs = [dense(logps)]
+        if return_entropy:
+            outputs.append(dense(token_entropy(output_layer, selected.detach(), temperature, self.chunk_size,
+                                               self.processing)))
+        if return_mean_logits:
+            outputs.append(dense(mean_logits))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 PROBE_TOLERANCE = 1e-4  # nats, per token, float32: only summation order may differ from the model's forward

@@ -325,7 +325,7 @@ def read_phee(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{p}, line {number}: invalid JSON ({exc.msg}); PHEE files hold one sentence a line.") \
+            raise DataError(f"{p}, line {number}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); PHEE files hold one sentence a line.") \
                 from None
         if not isinstance(record, dict) or not isinstance(record.get("context"), str):
             raise DataError(f"{p}, line {number}: expected an object with a 'context' string (PHEE format).")

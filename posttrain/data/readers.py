@@ -14,6 +14,7 @@ field. With `invalid_rows: skip` it is counted and logged, never silently droppe
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 from posttrain.errors import DataError
 
 HH_SPLIT = "\n\nAssistant:"
+DEMONSTRATION = "demonstration"  # extras key of a row read from SFT data (no rejected response)
 Messages = list[dict]
 
 
@@ -87,7 +89,7 @@ def iter_raw_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             if suffix == ".json":
-                raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}.") from None
+                raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg.removesuffix(' at')}.") from None
             records = None  # JSON Lines whose first row is not an object: reported row by row below
         if isinstance(records, list):
             for i, record in enumerate(records):
@@ -101,8 +103,18 @@ def iter_raw_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
         try:
             yield i + 1, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {i + 1}: invalid JSON ({exc.msg} at column {exc.colno}). Fix or remove "
+            raise DataError(f"{path}, line {i + 1}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}). Fix or remove "
                             f"that line.") from None
+
+
+def hub_id_hint(path: str) -> str:
+    """A sentence for a missing path that looks like a Hugging Face Hub dataset id (`owner/name`)."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not Path(path).suffix:
+        return (f" {path!r} looks like a Hugging Face Hub dataset id: posttrain reads local files (JSON Lines, JSON, "
+                f"parquet or a `save_to_disk` directory) and no hub. On a machine with the hub, run "
+                f"`datasets.load_dataset({str(path)!r}).save_to_disk(DIR)` and set data.path to DIR "
+                f"(docs/data.md lists the formats).")
+    return ""
 
 
 def is_messages(value: Any) -> bool:
@@ -115,6 +127,8 @@ def detect_format(record: dict, source: str, row: int = 1) -> str:
     if not isinstance(record, dict):
         raise DataError(f"{source}, row {row}: expected a JSON object with fields prompt/chosen/rejected, got "
                         f"{type(record).__name__}.")
+    if "messages" in record or ("completion" in record and "chosen" not in record):
+        return "sft"
     if any(name in record for name in ("prompt", "chosen", "rejected")):
         if "prompt" in record:
             return "trl"
@@ -123,8 +137,8 @@ def detect_format(record: dict, source: str, row: int = 1) -> str:
         return "trl"
     raise DataError(
         f"{source}, row {row}: cannot tell the data format from fields {sorted(record)}. posttrain reads TRL's "
-        f"preference format (prompt, chosen, rejected) and raw HH-RLHF (chosen, rejected dialogues); rename your "
-        f"fields or set `format:`."
+        f"preference format (prompt, chosen, rejected), raw HH-RLHF (chosen, rejected dialogues) and, for the sft "
+        f"loss, TRL's SFT formats (messages; prompt, completion); rename your fields or set `format:`."
     )
 
 
@@ -184,11 +198,41 @@ def _parse_hh(record: dict, source: str, row: int) -> Union[PreferenceRow, Inval
     return PreferenceRow(c_prompt, chosen[c_cut + len(HH_SPLIT):], rejected[r_cut + len(HH_SPLIT):], source, row)
 
 
+def _parse_sft(record: dict, source: str, row: int) -> Union[PreferenceRow, InvalidRow]:
+    """TRL's SFT formats, `messages` (the last one the assistant's) or `prompt` + `completion`, as a
+    demonstration: a row whose `chosen` is the completion and whose `rejected` is empty (only the sft loss,
+    which reads the chosen side alone, trains on it)."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not (is_messages(messages) and len(messages) >= 2 and messages[-1]["role"] == "assistant"):
+            return InvalidRow(source, row, "messages", "must be a list of {role, content} messages ending in the "
+                                                       "assistant's, after at least one other")
+        prompt, completion = messages[:-1], messages[-1:]
+    else:
+        for name in ("prompt", "completion"):
+            if record.get(name) is None:
+                return InvalidRow(source, row, name, _missing(record))
+        prompt, completion = record["prompt"], record["completion"]
+    if not (isinstance(prompt, str) or is_messages(prompt)):
+        return InvalidRow(source, row, "prompt", "must be a string or a list of {role, content} messages")
+    text = _assistant_text(completion)
+    if text is None:
+        return InvalidRow(source, row, "completion", "must be a string or a single assistant message")
+    extras = {k: v for k, v in record.items() if k not in ("prompt", "completion", "messages")}
+    return PreferenceRow(prompt, text, "", source, row, {**extras, DEMONSTRATION: True})
+
+
+def is_demonstration(row: PreferenceRow) -> bool:
+    return bool(row.extras.get(DEMONSTRATION))
+
+
 def validate_row(row: PreferenceRow) -> Optional[InvalidRow]:
     if not row.prompt or (isinstance(row.prompt, str) and not row.prompt.strip()):
         return InvalidRow(row.source, row.row, "prompt", "empty prompt")
     if not row.chosen.strip():
-        return InvalidRow(row.source, row.row, "chosen", "empty response")
+        return InvalidRow(row.source, row.row, "completion" if is_demonstration(row) else "chosen", "empty response")
+    if is_demonstration(row):
+        return None
     if not row.rejected.strip():
         return InvalidRow(row.source, row.row, "rejected", "empty response")
     if row.chosen == row.rejected:
@@ -237,7 +281,7 @@ def parse_records(path: str, split: str, choose_parser: Callable, what: str,
     stops after `limit` valid items. `what` names the contents in the empty-file error ("preference pairs")."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"data path {path!r} does not exist (working directory {Path.cwd()}).")
+        raise DataError(f"data path {path!r} does not exist (working directory {Path.cwd()}).{hub_id_hint(path)}")
     source = str(p)
     items: list = []
     invalid: list[InvalidRow] = []
@@ -264,7 +308,7 @@ def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
     """Read and validate every row of `path`. Returns (valid rows, invalid rows)."""
     def choose(record, source, number):
         kind = detect_format(record, source, number) if fmt == "auto" else fmt
-        base = _parse_hh if kind == "hh" else _parse_trl
+        base = {"hh": _parse_hh, "sft": _parse_sft}.get(kind, _parse_trl)
 
         def parse(rec, src, row):
             parsed = base(rec, src, row)

@@ -32,6 +32,8 @@ def load_pairs(source, data_cfg, tokenizer, seed: int = 0, what: str = "data.tra
         raise DataError(f"{what}: no usable pairs in {source.path or 'builtin:' + str(source.builtin)} "
                         f"({len(invalid)} invalid rows). Check the file and its fields.")
     log = get_logger()
-    log.info("%s: %d pairs (%d skipped as invalid, %d truncated to max_length=%d, %d tokenised at a split boundary)",
-             what, len(pairs), len(invalid), stats.truncated, data_cfg.max_length, stats.boundary_fallbacks)
+    log.info("%s: %d pairs (%d skipped as invalid, %d truncated to max_length=%d); template %s: %d rendered with "
+             "the chat template, %d as raw text; %d with a token merged across the prompt's end (its last prompt "
+             "tokens left out, as TRL does)", what, len(pairs), len(invalid), stats.truncated, data_cfg.max_length,
+             data_cfg.template, stats.chat_rows, stats.rows - stats.chat_rows, stats.boundary_merges)
     return pairs, stats, invalid

@@ -26,8 +26,7 @@ For each completion token (end-of-turn token included) a raw weight w_t >= 0 is 
    its weights.
 3. User weight spans from the data row (`use_data_spans`): the fields `weight_spans_chosen` and
    `weight_spans_rejected` hold `[[char_start, char_end, weight], ...]`, character offsets into
-   the response text as rendered (with `template: chat` responses are stripped of leading and
-   trailing whitespace first, so give offsets into the stripped text). A token overlapping a user
+   the response text as given in the data row. A token overlapping a user
    span gets that span's weight (the largest, if several overlap it); it replaces the value weight,
    so a user span may also lower a weight (0 ignores the token in the sequence score and barrier).
 4. Difference weights (`diff_weight`, applied only when > 1, as in the authors' collator): tokens
@@ -38,12 +37,13 @@ For each completion token (end-of-turn token included) a raw weight w_t >= 0 is 
    common subsequence of the two id lists are upweighted, which marks only the inserted, deleted
    or replaced tokens when the lengths differ.
 
-The end-of-turn (EOS) token appended by the tokenisation contract has no characters in the
-response and always has raw weight 1 (no value, user or difference weight; it is also left out of
-the position comparison).
+The end-of-turn tokens after the response (the EOS, or what the chat template writes after an
+assistant turn: `TokenizedPair.chosen_tail` / `rejected_tail`) have no characters in the response and
+always have raw weight 1 (no value, user or difference weight; they are also left out of the position
+comparison).
 
 Token character offsets: the response text is tokenised alone with `return_offsets_mapping=True`;
-if its ids equal the completion ids without the EOS (or, for a truncated completion, start with
+if its ids equal the completion ids without the end-of-turn tokens (or, for a truncated completion, start with
 them), those offsets are used; otherwise (prompt and response merged at the boundary, or a
 tokenizer without offsets) offsets come from cumulative decoding of the completion ids.
 
@@ -236,22 +236,26 @@ def value_char_weights(text: str, config: TokenWeightConfig) -> list[tuple[int, 
 # Token character offsets
 
 
-def _has_eos(ids: Sequence[int], eos_id: Optional[int]) -> bool:
-    return bool(ids) and eos_id is not None and ids[-1] == eos_id
+def end_of_turn_tokens(tokenizer, completion_ids: Sequence[int], tail: Optional[int]) -> int:
+    """`tail` if given, else 1 if the completion ends with the tokenizer's EOS, else 0."""
+    if tail is not None:
+        return tail
+    return int(bool(completion_ids) and completion_ids[-1] == tokenizer.eos_token_id)
 
 
-def token_offsets(tokenizer, text: str, completion_ids: Sequence[int]) -> list[Optional[tuple[int, int]]]:
-    """Character range in `text` of each completion token; None for the appended EOS."""
-    eos = tokenizer.eos_token_id
-    body = list(completion_ids[:-1]) if _has_eos(completion_ids, eos) else list(completion_ids)
-    tail = [None] * (len(completion_ids) - len(body))
+def token_offsets(tokenizer, text: str, completion_ids: Sequence[int], tail: Optional[int] = None,
+                  ) -> list[Optional[tuple[int, int]]]:
+    """Character range in `text` of each completion token; None for the `tail` end-of-turn tokens."""
+    tail = end_of_turn_tokens(tokenizer, completion_ids, tail)
+    body = list(completion_ids[:len(completion_ids) - tail])
+    tail_offsets = [None] * (len(completion_ids) - len(body))
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizers have no offsets
         ids, offsets = None, None
-    if ids is not None and ids[:len(body)] == body and (len(ids) == len(body) or not tail):
-        return offsets[:len(body)] + tail
+    if ids is not None and ids[:len(body)] == body and (len(ids) == len(body) or not tail_offsets):
+        return offsets[:len(body)] + tail_offsets
     # Fallback: cumulative decoding (each token covers the characters its decoding adds).
     result: list[Optional[tuple[int, int]]] = []
     previous = 0
@@ -259,7 +263,7 @@ def token_offsets(tokenizer, text: str, completion_ids: Sequence[int]) -> list[O
         current = min(len(tokenizer.decode(body[:k + 1], skip_special_tokens=False)), len(text))
         result.append((min(previous, current), current))
         previous = current
-    return result + tail
+    return result + tail_offsets
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +306,7 @@ def lcs_membership(a: Sequence[int], b: Sequence[int]) -> tuple[list[bool], list
 
 def diff_multipliers(chosen: Sequence[int], rejected: Sequence[int], diff_weight: float,
                      alignment: str = "position") -> tuple[list[float], list[float]]:
-    """Per-token multipliers (1 or diff_weight) of two token-id lists (EOS already removed)."""
+    """Per-token multipliers (1 or diff_weight) of two token-id lists (end-of-turn tokens already removed)."""
     mc, mr = [1.0] * len(chosen), [1.0] * len(rejected)
     if diff_weight == 1.0:
         return mc, mr
@@ -344,9 +348,9 @@ def _overlaps(offset: Optional[tuple[int, int]], start: int, end: int) -> bool:
 
 
 def completion_weights(tokenizer, completion_ids: Sequence[int], text: str, config: TokenWeightConfig,
-                       user_spans: Sequence[tuple[int, int, float]] = ()) -> list[float]:
+                       user_spans: Sequence[tuple[int, int, float]] = (), tail: Optional[int] = None) -> list[float]:
     """Value and user-span weights of one completion (steps 1 to 3), before difference weights."""
-    offsets = token_offsets(tokenizer, text, completion_ids)
+    offsets = token_offsets(tokenizer, text, completion_ids, tail)
     weights = [1.0] * len(completion_ids)
     char_spans = value_char_weights(text, config) if config.value_weights else []
     for k, offset in enumerate(offsets):
@@ -363,13 +367,13 @@ def completion_weights(tokenizer, completion_ids: Sequence[int], text: str, conf
 
 def pair_token_weights(tokenizer, chosen_ids: Sequence[int], rejected_ids: Sequence[int], chosen_text: str,
                        rejected_text: str, config: TokenWeightConfig, chosen_spans=(), rejected_spans=(),
+                       chosen_tail: Optional[int] = None, rejected_tail: Optional[int] = None,
                        ) -> tuple[list[float], list[float]]:
-    """Raw weights (one per completion token, EOS included) of both completions of a pair."""
-    wc = completion_weights(tokenizer, chosen_ids, chosen_text, config, chosen_spans)
-    wr = completion_weights(tokenizer, rejected_ids, rejected_text, config, rejected_spans)
-    eos = tokenizer.eos_token_id
-    body_c = list(chosen_ids[:-1]) if _has_eos(chosen_ids, eos) else list(chosen_ids)
-    body_r = list(rejected_ids[:-1]) if _has_eos(rejected_ids, eos) else list(rejected_ids)
+    """Raw weights (one per completion token, end-of-turn tokens included) of both completions of a pair."""
+    wc = completion_weights(tokenizer, chosen_ids, chosen_text, config, chosen_spans, chosen_tail)
+    wr = completion_weights(tokenizer, rejected_ids, rejected_text, config, rejected_spans, rejected_tail)
+    body_c = list(chosen_ids[:len(chosen_ids) - end_of_turn_tokens(tokenizer, chosen_ids, chosen_tail)])
+    body_r = list(rejected_ids[:len(rejected_ids) - end_of_turn_tokens(tokenizer, rejected_ids, rejected_tail)])
     mc, mr = diff_multipliers(body_c, body_r, config.diff_weight, config.diff_alignment)
     for k, factor in enumerate(mc):
         wc[k] *= factor
@@ -390,6 +394,6 @@ def weight_pairs(pairs: list, tokenizer, config: TokenWeightConfig) -> list:
             spans_c = check_user_spans(pair.extras.get(USER_SPAN_FIELDS[0]), f"{where}, field {USER_SPAN_FIELDS[0]!r}")
             spans_r = check_user_spans(pair.extras.get(USER_SPAN_FIELDS[1]), f"{where}, field {USER_SPAN_FIELDS[1]!r}")
         wc, wr = pair_token_weights(tokenizer, pair.chosen_ids, pair.rejected_ids, pair.chosen_text,
-                                    pair.rejected_text, config, spans_c, spans_r)
+                                    pair.rejected_text, config, spans_c, spans_r, pair.chosen_tail, pair.rejected_tail)
         out.append(dataclasses.replace(pair, chosen_weights=wc, rejected_weights=wr))
     return out

@@ -1,17 +1,24 @@
-"""The tokenisation contract (docs/data.md):
+"""The tokenisation contract (docs/data.md). By default it is TRL 1.16's `DPOTrainer` preparation, token
+for token, for each of TRL's preference formats (standard, conversational, implicit prompt):
 
-1. The prompt is rendered as text: with `template: chat` through the tokenizer's chat template
-   (`add_generation_prompt=True`); with `template: plain` as is (chat messages become an HH-style
-   "\n\nHuman: ...\n\nAssistant:" dialogue). HH-RLHF dialogues are turned into chat messages for `chat`.
-2. Prompt and response are tokenised jointly, as one string, and the completion starts at the first
-   token that starts at or after the prompt's last character. If a token would cross that boundary,
-   prompt and response are tokenised separately instead (counted as `boundary_fallbacks`).
-3. The end-of-turn token (the tokenizer's EOS; `<|im_end|>` for SmolLM2) is appended to every
-   completion and counts in its length and loss.
+1. `template` decides how a row is rendered. `auto` (default, TRL's rule): a row whose prompt is chat
+   messages goes through the tokenizer's chat template, a string prompt is raw text. `chat`: string prompts
+   become one user message (an HH-RLHF dialogue its turns) and go through the chat template too. `plain`:
+   raw text (chat messages become an HH-style "\n\nHuman: ...\n\nAssistant:" dialogue).
+2. A chat row is the template's rendering of the prompt with the generation prompt, and of the prompt followed
+   by the assistant's response; the completion therefore ends with whatever the template writes after an
+   assistant turn (`<|im_end|>\n` for SmolLM2). A text row is the prompt, and the prompt + response + the EOS
+   text (unless the response already ends with it), tokenised with the tokenizer's special tokens.
+3. The completion starts after the longest token prefix that the prompt alone shares with both
+   prompt + response tokenisations. If a token merges across the prompt's end, the prompt's last tokens are
+   left out of the prompt (TRL does the same); such rows are counted as `boundary_merges` and logged.
 4. Over-long rows: with `max_prompt_length`, the prompt keeps its last tokens; then, if prompt plus
    completion exceed `max_length`, `truncation: keep_start` keeps the first `max_length` tokens (as
    TRL does) and `truncation: error` stops with the file and row. Truncated rows are counted and logged.
    A row whose prompt leaves no room for any completion token is invalid.
+
+The tokens after the response's last character (end of turn) are counted per completion (`chosen_tail`,
+`rejected_tail`), so that token weights (TAB-PO) know which tokens carry no response text.
 """
 
 from __future__ import annotations
@@ -20,30 +27,35 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from posttrain.data.readers import InvalidRow, PreferenceRow
+from posttrain.data.readers import InvalidRow, PreferenceRow, is_messages
 from posttrain.errors import DataError
+
+TEMPLATES = ("auto", "chat", "plain")
 
 
 @dataclass
 class TokenizedPair:
     prompt_ids: list[int]
-    chosen_ids: list[int]  # completion tokens, end-of-turn token included
+    chosen_ids: list[int]  # completion tokens, end-of-turn tokens included
     rejected_ids: list[int]
     source: str = ""
     row: int = 0
     extras: dict = field(default_factory=dict)
     truncated: bool = False
-    chosen_text: str = ""  # the rendered responses the completion tokens came from
+    chosen_text: str = ""  # the responses the completion tokens came from
     rejected_text: str = ""
     chosen_weights: Optional[list[float]] = None  # per completion token (token-weighted losses, e.g. TAB-PO)
     rejected_weights: Optional[list[float]] = None
+    chosen_tail: int = 1  # completion tokens after the response's text (the end of turn)
+    rejected_tail: int = 1
 
 
 @dataclass
 class TokenizeStats:
     rows: int = 0
     truncated: int = 0
-    boundary_fallbacks: int = 0
+    boundary_merges: int = 0
+    chat_rows: int = 0  # rendered through the chat template (the others as raw text)
 
 
 _HH_TURN = re.compile(r"(?:\A\s*|\n\n)(Human|Assistant):")
@@ -68,39 +80,76 @@ def hh_to_messages(dialogue: str) -> list[dict]:
     return messages
 
 
-def render_prompt(tokenizer, prompt, template: str) -> str:
-    if template == "chat":
-        messages = prompt
-        if isinstance(prompt, str):
-            messages = hh_to_messages(prompt) if is_hh_dialogue(prompt) else [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def uses_chat_template(prompt, template: str) -> bool:
+    """Whether a prompt is rendered through the chat template under `template` (auto: chat messages only)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    return template == "chat" or (template == "auto" and is_messages(prompt))
+
+
+def as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return hh_to_messages(prompt) if is_hh_dialogue(prompt) else [{"role": "user", "content": prompt}]
+    return prompt
+
+
+def as_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    text = "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt)
-    return text + "\n\nAssistant:"
+    return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt) + "\n\nAssistant:"
 
 
-def render_response(response: str, template: str) -> str:
-    return response.strip() if template == "chat" else response
+def render_prompt(tokenizer, prompt, template: str) -> str:
+    """The prompt as the model sees it before its response (generation prompt included for chat)."""
+    if uses_chat_template(prompt, template):
+        return tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+    return as_text(prompt)
 
 
-def tokenize_prompt_completion(tokenizer, prompt_text: str, response: str, add_special_tokens: bool,
-                               stats: Optional[TokenizeStats] = None) -> tuple[list[int], list[int]]:
-    """Tokenise prompt+response jointly; return (prompt_ids, completion_ids) without EOS."""
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special_tokens)["input_ids"]
-    joint = tokenizer(prompt_text + response, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    ids, offsets = joint["input_ids"], joint["offset_mapping"]
-    split = len(ids)
-    for k, (start, end) in enumerate(offsets):
-        if start >= len(prompt_text) and end > start:
-            split = k
+def prompt_token_ids(tokenizer, prompt, template: str) -> list[int]:
+    """Token ids of a rendered prompt: chat templates carry their own special tokens, raw text gets the
+    tokenizer's (as TRL tokenises each)."""
+    chat = uses_chat_template(prompt, template)
+    return tokenizer(render_prompt(tokenizer, prompt, template), add_special_tokens=not chat)["input_ids"]
+
+
+def _render_with_response(tokenizer, prompt, response: str, chat: bool) -> tuple[str, int]:
+    """Prompt followed by the response, rendered; and the character where the response's text ends."""
+    if chat:
+        messages = as_messages(prompt)
+        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        shared = next((k for k, (a, b) in enumerate(zip(head, text)) if a != b), min(len(head), len(text)))
+        start = text.find(response, shared) if response else -1
+        return text, (start + len(response) if start >= 0 else len(text))
+    prompt_text, eos = as_text(prompt), tokenizer.eos_token
+    body = response[:-len(eos)] if response.endswith(eos) else response
+    return prompt_text + body + eos, len(prompt_text) + len(body)
+
+
+def _encode(tokenizer, text: str, chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _tail_tokens(offsets: list[tuple[int, int]], response_end: int) -> int:
+    """Trailing tokens that start at or after the response's end (or carry no characters)."""
+    tail = 0
+    for start, end in reversed(offsets):
+        if start < response_end and end > start:
             break
-    if ids[:split] == prompt_ids:
-        return prompt_ids, ids[split:]
-    if stats is not None:
-        stats.boundary_fallbacks += 1
-    return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"]
+        tail += 1
+    return tail
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _truncate(prompt: list[int], completion: list[int], max_length: int, max_prompt_length: Optional[int]):
@@ -113,36 +162,43 @@ def _truncate(prompt: list[int], completion: list[int], max_length: int, max_pro
     return prompt, completion, prompt_cut, over
 
 
-def tokenize_pairs(rows: list[PreferenceRow], tokenizer, template: str = "chat", max_length: int = 512,
+def tokenize_pairs(rows: list[PreferenceRow], tokenizer, template: str = "auto", max_length: int = 512,
                    max_prompt_length: Optional[int] = None, truncation: str = "keep_start",
                    ) -> tuple[list[TokenizedPair], list[InvalidRow], TokenizeStats]:
     """Apply the tokenisation contract to validated rows. Returns (pairs, rows that cannot train, stats)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token, which the tokenisation contract appends to completions; "
                         "set one (tokenizer.eos_token) before training.")
-    add_special = template == "plain"  # chat templates carry their own special tokens
     stats = TokenizeStats()
     pairs, invalid = [], []
     for row in rows:
-        prompt_text = render_prompt(tokenizer, row.prompt, template)
-        chosen_text, rejected_text = render_response(row.chosen, template), render_response(row.rejected, template)
-        prompt_ids, chosen = tokenize_prompt_completion(tokenizer, prompt_text, chosen_text, add_special, stats)
-        _, rejected = tokenize_prompt_completion(tokenizer, prompt_text, rejected_text, add_special, stats)
-        chosen, rejected = chosen + [eos], rejected + [eos]
-        p1, c, prompt_cut, over1 = _truncate(prompt_ids, chosen, max_length, max_prompt_length)
-        _, r, _, over2 = _truncate(prompt_ids, rejected, max_length, max_prompt_length)
+        chat = uses_chat_template(row.prompt, template)
+        prompt_ids = _encode(tokenizer, render_prompt(tokenizer, row.prompt, template), chat)[0]
+        completions = []
+        for response in (row.chosen, row.rejected):
+            text, response_end = _render_with_response(tokenizer, row.prompt, response, chat)
+            ids, offsets = _encode(tokenizer, text, chat)
+            completions.append((ids, _tail_tokens(offsets, response_end)))
+        shared = min(_common_prefix(prompt_ids, ids) for ids, _ in completions)
+        stats.boundary_merges += int(shared < len(prompt_ids))
+        (full_c, tail_c), (full_r, tail_r) = completions
+        chosen, rejected = full_c[shared:], full_r[shared:]
+        p1, c, prompt_cut, over1 = _truncate(prompt_ids[:shared], chosen, max_length, max_prompt_length)
+        _, r, _, over2 = _truncate(prompt_ids[:shared], rejected, max_length, max_prompt_length)
         # `truncation: error` is about max_length; cutting the prompt to max_prompt_length is what the user asked for.
         if (over1 or over2) and truncation == "error":
             longest = len(p1) + max(len(chosen), len(rejected))
             raise DataError(f"{row.source}, row {row.row}: {longest} tokens exceed data.max_length={max_length} and "
                             f"data.truncation is 'error'. Raise max_length, or set truncation: keep_start.")
-        truncated = prompt_cut or over1 or over2
         if not c or not r:
             invalid.append(InvalidRow(row.source, row.row, "prompt", f"the prompt ({len(p1)} tokens) leaves no room "
                                                                       f"for a response within max_length={max_length}"))
             continue
         stats.rows += 1
+        stats.chat_rows += int(chat)
+        truncated = prompt_cut or over1 or over2
         stats.truncated += int(truncated)
-        pairs.append(TokenizedPair(p1, c, r, row.source, row.row, row.extras, truncated, chosen_text, rejected_text))
+        pairs.append(TokenizedPair(p1, c, r, row.source, row.row, row.extras, truncated, row.chosen, row.rejected,
+                                   chosen_tail=max(0, tail_c - (len(chosen) - len(c))),
+                                   rejected_tail=max(0, tail_r - (len(rejected) - len(r)))))
     return pairs, invalid, stats

@@ -14,11 +14,12 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
+from posttrain.data.readers import hub_id_hint
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.errors import DataError, ModelError, PosttrainError
 from posttrain.eval.metrics import ranking_metrics
@@ -136,41 +137,94 @@ def training_history(run_dir: Optional[Path], up_to: Optional[int] = None) -> li
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _load_eval_pairs(args, tokenizer) -> tuple[list[TokenizedPair], dict, str]:
-    """Tokenised pairs, what was excluded, and where alpha comes from."""
-    from posttrain.config import DataConfig, DataSource
-    from posttrain.data.sources import load_pairs
+def eval_template(args, run_dir: Optional[Path]) -> tuple[str, str]:
+    """(template, why): --format if given, else the run's own data.template (from its recipe.yaml), else plain."""
+    if args.template is not None:
+        return args.template, "--format"
+    recipe = Path(run_dir) / "recipe.yaml" if run_dir is not None else None
+    if recipe is not None and recipe.is_file():
+        import yaml
+
+        template = ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("data") or {}).get("template")
+        if template:
+            return template, f"the run's data.template ({recipe})"
+    return "plain", "the default: prompt + response as text, as Chen et al. scored"
+
+
+def _exclusion_reason(item) -> str:
+    return f"{item.field}: {item.reason.split(' (')[0]}"
+
+
+def _read_eval_rows(args, limit: Optional[int]) -> tuple[list, list, bool]:
+    """(valid rows, invalid rows, whether the source was read to its end) reading at most `limit` valid rows."""
+    from posttrain.data.readers import load_preference_rows
+    from posttrain.data.tasks import builtin_rows
+
+    if args.builtin is not None:
+        rows = builtin_rows(args.builtin, args.split or "heldout", None, args.seed)
+        return (rows if limit is None else rows[:limit]), [], limit is None or len(rows) <= limit
+    rows, invalid = load_preference_rows(args.data, "auto", args.split or "train", limit)
+    return rows, invalid, limit is None or len(rows) < limit
+
+
+class EvalPairs(NamedTuple):
+    pairs: list[TokenizedPair]
+    excluded: dict  # reason -> number of rows
+    alpha_source: str
+    votes: Optional[dict]
+    rows_read: int
+
+
+def _load_eval_pairs(args, tokenizer, template: str) -> EvalPairs:
+    """Tokenised pairs, what was excluded (reason -> rows) and where alpha comes from. With --max-pairs N, rows are
+    read until N pairs can be scored (rows after them are not read, nor validated)."""
     from posttrain.data.tokenize import tokenize_pairs
     from posttrain.eval.votes import is_pandalm, pandalm_rows
 
     excluded: dict = {}
-    if args.data is not None and is_pandalm(args.data):
+    vote_counts = None
+    if is_pandalm(args.data) if args.data is not None else False:
         rows, votes = pandalm_rows(args.data)
         rows = rows[args.start:]
-        if args.max_pairs is not None:
-            rows = rows[:args.max_pairs]
-        pairs, untrainable, _ = tokenize_pairs(rows, tokenizer, args.template, args.max_length)
-        excluded.update(votes.to_dict())
-        excluded["untrainable"] = len(untrainable)
+        pairs, too_long, _ = tokenize_pairs(rows, tokenizer, template, args.max_length)
+        vote_counts = votes.to_dict()
+        excluded.update({"a majority tie between the annotators": votes.majority_tie,
+                         "no majority among the annotators": votes.no_majority,
+                         "an empty or identical response": votes.unusable})
+        excluded = {why: n for why, n in excluded.items() if n}
+        invalid, rows_read = [], votes.rows
         source = "annotator votes (PandaLM: share of the votes for the majority response; majority ties excluded)"
     else:
-        source_cfg = DataSource(path=args.data, builtin=args.builtin,
-                                split=args.split or ("heldout" if args.builtin else "train"),
-                                start=args.start, limit=args.max_pairs)
-        data_cfg = DataConfig(train=source_cfg, template=args.template, max_length=args.max_length,
-                              invalid_rows="skip")
-        pairs, _, invalid = load_pairs(source_cfg, data_cfg, tokenizer, what="eval data")
-        excluded["invalid_rows"] = len(invalid)
+        want = args.max_pairs
+        limit = None if want is None else args.start + want
+        while True:
+            rows, invalid, exhausted = _read_eval_rows(args, limit)
+            pairs, too_long, _ = tokenize_pairs(rows[args.start:], tokenizer, template, args.max_length)
+            if want is None or len(pairs) >= want or exhausted:
+                break
+            limit += 2 * (want - len(pairs))
+        rows_read = len(rows) + len(invalid)
         with_alpha = sum(1 for p in pairs if (p.extras or {}).get("alpha") is not None)
         source = (f"the data's alpha field ({with_alpha} of {len(pairs)} pairs), alpha = {args.alpha:g} elsewhere"
                   if with_alpha else f"alpha = {args.alpha:g} for every pair (the data has no votes)")
+    if args.max_pairs is not None and len(pairs) > args.max_pairs:
+        last_row = pairs[args.max_pairs - 1].row
+        pairs = pairs[:args.max_pairs]
+        invalid = [i for i in invalid if i.row <= last_row]
+        too_long = [i for i in too_long if i.row <= last_row]
+        rows_read = sum(1 for row in rows if row.row <= last_row) + len(invalid)
+    for item in invalid:
+        excluded[_exclusion_reason(item)] = excluded.get(_exclusion_reason(item), 0) + 1
+    if too_long:
+        excluded[f"too long for --max-length {args.max_length} (the prompt fills it)"] = len(too_long)
     if not pairs:
-        raise DataError("posttrain eval: no pairs left to score.")
+        raise DataError(f"posttrain eval: no pairs left to score (excluded: "
+                        f"{'; '.join(f'{n} {why}' for why, n in excluded.items()) or 'none'}).")
     if args.sample is not None and args.sample < len(pairs):
         chosen = sorted(random.Random(args.seed).sample(range(len(pairs)), args.sample))
-        excluded["not_sampled"] = len(pairs) - len(chosen)
+        excluded["not in the --sample"] = len(pairs) - len(chosen)
         pairs = [pairs[i] for i in chosen]
-    return pairs, excluded, source
+    return EvalPairs(pairs, excluded, source, vote_counts, rows_read)
 
 
 def run_eval(args) -> int:
@@ -189,8 +243,15 @@ def run_eval(args) -> int:
         raise PosttrainError(f"--betas must be positive numbers separated by commas, got {args.betas!r}.")
     if not 0 < args.alpha <= 1:
         raise PosttrainError(f"--alpha must be in (0, 1], got {args.alpha}.")
+    if args.data is not None and not Path(args.data).expanduser().exists():
+        raise DataError(f"--data {args.data!r} does not exist (working directory {Path.cwd()})."
+                        f"{hub_id_hint(args.data)}")
     adapter = resolve_adapter(args.adapter) if args.adapter else None
+    template, template_source = eval_template(args, adapter[2] if adapter else None)
     tokenizer = load_tokenizer(args.model)
+    pairs, excluded, alpha_source, votes, rows_read = _load_eval_pairs(args, tokenizer, template)  # before any model
+    print(f"format: {template} ({template_source}); {rows_read} rows read, {len(pairs)} pairs to score"
+          + (f"; excluded: {'; '.join(f'{n} {why}' for why, n in excluded.items())}" if excluded else ""))
     base = load_causal_lm(args.model, args.dtype)
     reference_model, reference_name = None, None
     if adapter and adapter[0] == "peft":
@@ -210,7 +271,6 @@ def run_eval(args) -> int:
     if args.reference:
         reference_model = PolicyLogProbs(load_causal_lm(args.reference, args.dtype))
         reference_name = f"the model {args.reference}"
-    pairs, excluded, alpha_source = _load_eval_pairs(args, tokenizer)
     alpha = pair_alphas(pairs, args.alpha)
     progress = not args.no_progress
     padding = args.max_padding if args.max_padding < 1 else None
@@ -223,18 +283,19 @@ def run_eval(args) -> int:
         reference, reference_name = scores, "the scored model itself (no adapter: it is its own reference)"
     inputs = {"model": args.model, "adapter": str(adapter[1]) if adapter else None,
               "adapter_kind": adapter[0] if adapter else None, "reference": reference_name,
-              "data": args.data or f"builtin:{args.builtin}", "format": args.template, "max_length": args.max_length,
+              "data": args.data or f"builtin:{args.builtin}", "format": template, "format_source": template_source,
+              "max_length": args.max_length,
               "start": args.start, "max_pairs": args.max_pairs, "sample": args.sample, "dtype": args.dtype,
               "bf16_autocast": args.bf16,
               "batch_size": args.batch_size, "max_padding": args.max_padding, "alpha_source": alpha_source,
               "default_alpha": args.alpha,
-              "excluded": excluded, "truncated_pairs": int(sum(p.truncated for p in pairs)),
+              "rows_read": rows_read, "excluded": excluded, "votes": votes, "truncated_pairs": int(sum(p.truncated for p in pairs)),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     report, records = build_report(pairs, scores, reference, alpha, inputs, betas=betas, eps=args.alpha_eps,
                                    tie_threshold=args.tie_threshold, dpo_beta=args.beta, bootstrap=args.bootstrap,
                                    seed=args.seed, reference_is_policy=reference is scores, tokenizer=tokenizer)
     m = report["metrics"]
-    print(f"pairs: {m['pairs']}  format: {args.template}  ties (alpha = 0.5): {m['ties']}")
+    print(f"pairs: {m['pairs']}  format: {template}  ties (alpha = 0.5): {m['ties']}")
     lo, hi = m["ranking_accuracy_ci95"]
     print(f"ranking accuracy R: {m['ranking_accuracy']:.4f}  (95% bootstrap interval {lo:.4f} to {hi:.4f})")
     lo, hi = m["ranking_accuracy_normalised_ci95"]

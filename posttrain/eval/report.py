@@ -123,10 +123,15 @@ def markdown_summary(report: dict, worst: list[dict], plots: list[str]) -> str:
     lines = ["# Ranking-accuracy evaluation", ""]
     adapter = f", adapter `{inputs['adapter']}`" if inputs.get("adapter") else ""
     lines.append(f"Model `{inputs.get('model')}`{adapter}; reference: {inputs.get('reference')}.")
-    lines.append(f"Data `{inputs.get('data')}`, format **{inputs.get('format')}**, {m['pairs']} pairs"
+    why = f" ({inputs['format_source']})" if inputs.get("format_source") else ""
+    lines.append(f"Data `{inputs.get('data')}`, format **{inputs.get('format')}**{why}, {m['pairs']} pairs"
                  f" ({m['ties']} ties with alpha = 0.5); alpha: {inputs.get('alpha_source')}.")
+    read = f"{inputs['rows_read']} rows read. " if inputs.get("rows_read") is not None else ""
     if inputs.get("excluded"):
-        lines.append(f"Excluded before scoring: {json.dumps(inputs['excluded'])}.")
+        reasons = "; ".join(f"{n} {why}" for why, n in inputs["excluded"].items())
+        lines.append(f"{read}Excluded before scoring: {reasons}.")
+    elif read:
+        lines.append(f"{read}None excluded.")
     lines += ["", "| metric | value | 95% bootstrap interval |", "|---|---|---|"]
     ci = m["ranking_accuracy_ci95"]
     lines.append(f"| ranking accuracy R | {_pct(m['ranking_accuracy'])} | {_pct(ci[0])} to {_pct(ci[1])} |")

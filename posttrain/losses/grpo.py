@@ -120,10 +120,12 @@ class GRPOLoss(GroupLoss):
 
     @staticmethod
     def _clip_metrics(coef, adv, mask, eps_low, eps_high) -> dict[str, torch.Tensor]:
-        """Per completion: share of its tokens clipped low / high / either (TRL's clip_ratio names)."""
+        """Per completion: share of its tokens clipped low / high / either (TRL's clip_ratio names); the
+        step logs their mean, and the least low-clipped and most high-clipped completion as TRL does."""
         low = ((coef < 1 - eps_low) & (adv < 0)).to(mask.dtype).expand_as(mask)
         high = ((coef > 1 + eps_high) & (adv > 0)).to(mask.dtype).expand_as(mask)
         n = completion_lengths(mask)
-        return {"clip_ratio/low_mean": ((low * mask).sum(-1) / n).detach(),
-                "clip_ratio/high_mean": ((high * mask).sum(-1) / n).detach(),
+        low_share, high_share = ((low * mask).sum(-1) / n).detach(), ((high * mask).sum(-1) / n).detach()
+        return {"clip_ratio/low_mean": low_share, "clip_ratio/high_mean": high_share,
+                "clip_ratio/low_min": low_share, "clip_ratio/high_max": high_share,
                 "clip_ratio/region_mean": (((low + high).clamp(max=1) * mask).sum(-1) / n).detach()}

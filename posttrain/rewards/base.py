@@ -38,7 +38,7 @@ class RewardFunction(WithParams):
 
     name: ClassVar[str] = ""
     components: ClassVar[tuple[str, ...]] = ()
-
+    needs_answer: ClassVar[bool] = False  # every example must have an answer (checked when the data loads)
 
     def __call__(self, completion: str, example: PromptExample) -> RewardResult:
         raise NotImplementedError  # abstractmethod: every reward defines it

@@ -23,6 +23,7 @@ from posttrain.rewards.registry import register_reward
 @register_reward("exact_match")
 class ExactMatchReward(RewardFunction):
     components: ClassVar[tuple[str, ...]] = ("correct",)
+    needs_answer: ClassVar[bool] = True
 
     @dataclass
     class Params:

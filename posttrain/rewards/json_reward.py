@@ -121,7 +121,7 @@ class JsonReward(RewardFunction):
             return json.loads(example.answer)
         except json.JSONDecodeError as exc:
             raise RewardError(f"reward 'json': {example.where}: the answer is the gold JSON when the example "
-                              f"has no extras['gold'], but it is not JSON ({exc.msg} at column {exc.colno}): "
+                              f"has no extras['gold'], but it is not JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}): "
                               f"{example.answer!r:.80}") from None
 
     def __call__(self, completion: str, example: PromptExample) -> RewardResult:

@@ -75,6 +75,7 @@ def answers_match(answer: str, gold: str, verifier: MathVerifier) -> bool:
 @register_reward("math")
 class MathReward(RewardFunction):
     components: ClassVar[tuple[str, ...]] = ("correct",)
+    needs_answer: ClassVar[bool] = True
 
     def __init__(self, params=None):
         super().__init__(params)

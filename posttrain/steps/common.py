@@ -100,13 +100,16 @@ class StepContext:
 
 class StepMetrics:
     """A step's numbers, summed over its micro-batches here and over processes in one reduction: sums
-    (losses, already globally normalised), weighted means (per-example metrics, coefficient means) and maxima."""
+    (losses, already globally normalised), weighted means (per-example metrics, coefficient means), maxima
+    and minima. A per-example metric named `..._max` or `..._min` is the maximum or minimum over the
+    step's real examples instead of their mean (TRL's clip_ratio/high_max, clip_ratio/low_min)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.sums: dict[str, float] = {}
         self.means: dict[str, list[float]] = {}  # name -> [weighted sum, weight]
-        self.maxima: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}  # a minimum is kept as the maximum of the negated values
+        self.minima: set[str] = set()
 
     def add(self, name: str, value: float) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + float(value)
@@ -119,10 +122,21 @@ class StepMetrics:
     def add_max(self, name: str, value: float) -> None:
         self.maxima[name] = max(self.maxima.get(name, -math.inf), float(value))
 
+    def add_min(self, name: str, value: float) -> None:
+        self.minima.add(name)
+        self.add_max(name, -value)
+
     def add_per_example(self, values: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
         weight = weight.double()
         for name, value in values.items():
-            self.add_mean(name, (value.double().reshape(-1) * weight).sum().item(), weight.sum().item())
+            value = value.double().reshape(-1)
+            real = value[weight > 0]
+            if name.endswith("_max") and real.numel():
+                self.add_max(name, real.max().item())
+            elif name.endswith("_min") and real.numel():
+                self.add_min(name, real.min().item())
+            elif not name.endswith(("_max", "_min")):
+                self.add_mean(name, (value * weight).sum().item(), weight.sum().item())
 
     def add_coefficients(self, name: str, coefficient: torch.Tensor, mask: torch.Tensor, examples: float) -> None:
         """Mean and max |c| over the masked tokens, in per-example units (c times the step's example count)."""
@@ -144,5 +158,5 @@ class StepMetrics:
         for k, name in enumerate(means):
             total, weight = totals[len(sums) + 2 * k], totals[len(sums) + 2 * k + 1]
             out[name] = total / max(weight, 1e-12)
-        out.update(zip(maxima, peaks))
+        out.update((name, -peak if name in self.minima else peak) for name, peak in zip(maxima, peaks))
         return out

@@ -241,11 +241,17 @@ def group_reward_std(records: list[RolloutRecord]) -> dict[int, float]:
 def rollout_metrics(records: list[RolloutRecord], zero_groups: set[int], n_groups: int) -> dict:
     rewards = torch.tensor([rec.reward for rec in records], dtype=torch.float64, device="cpu")
     lengths = torch.tensor([len(rec.completion_ids) for rec in records], dtype=torch.float64, device="cpu")
+    zero_share = len(zero_groups) / max(n_groups, 1)
+    truncated_share = sum(rec.truncated for rec in records) / len(records)
     out = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std(correction=0).item(),
-           "groups/zero_variance_share": len(zero_groups) / max(n_groups, 1),
+           "groups/zero_variance_share": zero_share,
            "pass@1": sum(rec.success for rec in records) / len(records),
            "completions/mean_length": lengths.mean().item(), "completions/max_length": lengths.max().item(),
-           "completions/truncated_share": sum(rec.truncated for rec in records) / len(records)}
+           "completions/min_length": lengths.min().item(), "completions/truncated_share": truncated_share,
+           # TRL's GRPO names, for dashboards built on them (reward_std: the unbiased std over completions)
+           "reward": rewards.mean().item(), "frac_reward_zero_std": zero_share,
+           "reward_std": rewards.std(correction=1).item() if len(records) > 1 else 0.0,
+           "completions/clipped_ratio": truncated_share}
     for name in sorted({name for rec in records for name in rec.components}):
         out[f"reward/{name}"] = sum(rec.components.get(name, 0.0) for rec in records) / len(records)
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from posttrain.data.prompts import load_prompt_examples
-from posttrain.data.tokenize import render_prompt
+from posttrain.data.tokenize import prompt_token_ids
 from posttrain.errors import DataError, RecipeError
 from posttrain.rollout import ENGINES, EngineContext, GenerationEngine, RolloutCollector, SamplingParams
 
@@ -27,10 +27,9 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def tokenize_prompts(examples: list, tokenizer, template: str, max_prompt_length: Optional[int]) -> list[list[int]]:
     """Rendered prompt ids (the tokenisation contract's prompt side; the prompt keeps its last tokens)."""
-    add_special = template == "plain"
     out = []
     for example in examples:
-        ids = tokenizer(render_prompt(tokenizer, example.prompt, template), add_special_tokens=add_special)["input_ids"]
+        ids = prompt_token_ids(tokenizer, example.prompt, template)
         out.append(ids[-max_prompt_length:] if max_prompt_length else ids)
     return out
 

@@ -57,7 +57,7 @@ class PairStep:
             metrics.add("num_tokens", sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                           for p, i in zip(pairs, rows) if i is not None))
             with ctx.accelerator.accumulate(ctx.model), self._reporting_out_of_memory(step, rows, pairs):
-                inputs, logps = self._loss_inputs(rows, pairs)
+                inputs, logps, mean_logits = self._loss_inputs(rows, pairs)
                 out, coefficients = backward_through_coefficients(
                     lambda leaves: self.loss.step_loss(replace(inputs, **leaves), counts), logps,
                     lambda surrogate: ctx.accelerator.backward(surrogate * scale))
@@ -66,6 +66,10 @@ class PairStep:
             for name, value in out.parts.items():
                 metrics.add(name, value.item())
             weight = inputs.pair_weight[:, None]
+            for side, mean_logit, mask in zip(("chosen", "rejected"), mean_logits,
+                                              (inputs.chosen_mask, inputs.rejected_mask)):
+                real = (mask * weight).double()
+                metrics.add_mean(f"logits/{side}", (mean_logit.double() * real).sum().item(), real.sum().item())
             metrics.add_coefficients("chosen", coefficients["chosen_logps"], inputs.chosen_mask * weight,
                                      counts.examples)
             metrics.add_coefficients("rejected", coefficients["rejected_logps"], inputs.rejected_mask * weight,
@@ -83,12 +87,13 @@ class PairStep:
                                attention=attention_kind(ctx.model), mask_dtype=model_dtype(ctx.model)).to(ctx.device)
 
     def _loss_inputs(self, indices: list[Optional[int]], pairs: list[TokenizedPair]):
-        """Typed loss inputs of one micro-batch ([B, T] chosen and rejected tensors whatever the layout), and
-        the policy log-probs the core differentiates."""
+        """Typed loss inputs of one micro-batch ([B, T] chosen and rejected tensors whatever the layout), the
+        policy log-probs the core differentiates, and the per-token mean logits (chosen, rejected) for the log."""
         ctx = self.ctx
         rows = self._rows(pairs)
         with ctx.autocast():
-            chosen, rejected = rows.split(ctx.model(*rows.model_inputs()))
+            logps, mean_logits = ctx.model(*rows.model_inputs(), return_mean_logits=True)
+        chosen, rejected = rows.split(logps)
         dtype, device = chosen.dtype, ctx.device
         ref_w = ref_l = None
         if self.loss.needs_reference:
@@ -103,7 +108,7 @@ class PairStep:
             pair_weight=torch.tensor([0.0 if i is None else 1.0 for i in indices], dtype=dtype, device=device),
             ref_chosen_logps=ref_w, ref_rejected_logps=ref_l, chosen_token_weights=weights(rows.chosen_weights),
             rejected_token_weights=weights(rows.rejected_weights), extras=_numeric_extras(pairs, dtype, device))
-        return inputs, {"chosen_logps": chosen, "rejected_logps": rejected}
+        return inputs, {"chosen_logps": chosen, "rejected_logps": rejected}, rows.split(mean_logits)
 
     def _precompute_reference(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-token reference log-probs of every training pair, computed once (in the training layout, pairs
