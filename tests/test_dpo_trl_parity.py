@@ -90,8 +90,9 @@ def trl_trainer(request, tokenizer, tmp_path, monkeypatch):
     from trl import DPOConfig, DPOTrainer
 
     monkeypatch.setenv("TQDM_DISABLE", "1")  # TRL's precompute loop reads it at call time
+    loss_type, beta, extra = request.param
     model = make_tiny_model(len(tokenizer), seed=0, dtype=torch.float64)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=request.param, beta=BETA,
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=loss_type, beta=beta, **extra,
                      precompute_ref_log_probs=True, report_to="none", use_cpu=True, bf16=False, fp16=False,
                      gradient_checkpointing=False, per_device_train_batch_size=len(PAIRS["prompt"]),
                      max_length=None, save_strategy="no", logging_strategy="no", seed=0)
@@ -101,11 +102,22 @@ def trl_trainer(request, tokenizer, tmp_path, monkeypatch):
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.mark.parametrize("trl_trainer", ["sigmoid", "ipo"], indirect=True)
+# TRL 1.16's DPO loss types, each at two settings (TRL's parameter names, which posttrain's `dpo` shares).
+TRL_SETTINGS = [(loss_type, beta, {}) for loss_type in ("sigmoid", "ipo", "sigmoid_norm", "hinge", "nca_pair",
+                                                         "bco_pair", "sppo_hard", "apo_zero", "apo_down")
+                for beta in (BETA, 0.5)]
+TRL_SETTINGS += [("exo_pair", 0.1, {"label_smoothing": 1e-3}), ("exo_pair", 0.5, {"label_smoothing": 0.2}),
+                 ("aot", 0.1, {}), ("aot", 0.5, {"label_smoothing": 0.2}),
+                 ("aot_unpaired", 0.1, {}), ("aot_unpaired", 0.5, {"label_smoothing": 0.2}),
+                 ("discopop", 0.1, {}), ("discopop", 0.5, {"discopop_tau": 0.5})]
+
+
+@pytest.mark.parametrize("trl_trainer", TRL_SETTINGS, indirect=True, ids=lambda s: f"{s[0]}-beta{s[1]}-{s[2]}")
 def test_dpo_loss_and_metrics_equal_trl_dpo_trainer(trl_trainer):
     trainer = trl_trainer
-    loss_type = trainer.loss_types[0]
-    assert trainer.loss_types == [loss_type] and trainer.beta == BETA and trainer.ld_alpha is None
+    loss_type, beta = trainer.loss_types[0], trainer.beta
+    extra = {"label_smoothing": trainer.label_smoothing, "discopop_tau": trainer.args.discopop_tau}
+    assert trainer.loss_types == [loss_type] and trainer.ld_alpha is None
     assert trainer.precompute_ref_logps and trainer.ref_model is None  # no reference model: must read the batch
     model = trainer.model
     assert next(model.parameters()).dtype == torch.float64
@@ -167,12 +179,15 @@ def test_dpo_loss_and_metrics_equal_trl_dpo_trainer(trl_trainer):
     # posttrain on the same per-token values; the reference sums sit on the first completion token.
     chosen_mask, rejected_mask = mask[:n_pairs], mask[n_pairs:]
     chosen_leaf, rejected_leaf = (x.clone().requires_grad_(True) for x in (ours[:n_pairs], ours[n_pairs:]))
-    out = _through_coefficients(_dpo(loss_type), _pair_inputs(chosen_leaf, rejected_leaf, chosen_mask, rejected_mask,
+    out = _through_coefficients(_dpo(loss_type, beta, **extra), _pair_inputs(chosen_leaf, rejected_leaf, chosen_mask, rejected_mask,
                                                               _sum_on_first_token(ref_chosen, chosen_mask),
                                                               _sum_on_first_token(ref_rejected, rejected_mask)))
 
     assert out.loss.dtype == torch.float64
-    assert math.isclose(out.loss.item(), trl_loss.item(), rel_tol=RTOL, abs_tol=0.0), (out.loss.item(),
+    # TRL holds exo_pair's eps as a float32 tensor, so its log(1 - eps) and log(eps) are float32 constants; the
+    # float64 closed form below pins posttrain's value to 1e-9.
+    rtol = 1e-6 if loss_type == "exo_pair" else RTOL
+    assert math.isclose(out.loss.item(), trl_loss.item(), rel_tol=rtol, abs_tol=0.0), (out.loss.item(),
                                                                                           trl_loss.item())
     for name in METRICS:  # TRL logs the batch mean of each per-pair value
         ours_mean = out.metrics[name].mean().item()
@@ -184,21 +199,27 @@ def test_dpo_loss_and_metrics_equal_trl_dpo_trainer(trl_trainer):
     # are comparable; its fused head has no gradient elsewhere. posttrain's is zero there.
     trl_loss.backward()
     ours_grad = torch.cat([chosen_leaf.grad, rejected_leaf.grad])
-    assert (ours_grad[mask == 0] == 0).all() and (ours_grad[mask == 1] != 0).all()
-    torch.testing.assert_close(ours_grad, trl_leaf.grad * mask, rtol=RTOL, atol=0.0)
+    assert (ours_grad[mask == 0] == 0).all() and (ours_grad[mask == 1] != 0).any()  # hinge: 0 where relu is
+    torch.testing.assert_close(ours_grad, trl_leaf.grad * mask, rtol=rtol, atol=0.0)
 
     # Both equal the closed form of the known offsets (so the injected values really reached TRL).
-    r_w, r_l = -BETA * OFFSET_CHOSEN, -BETA * OFFSET_REJECTED
+    r_w, r_l = -beta * OFFSET_CHOSEN, -beta * OFFSET_REJECTED
     torch.testing.assert_close(out.metrics["rewards/chosen"], r_w, rtol=RTOL, atol=1e-12)
     torch.testing.assert_close(out.metrics["rewards/rejected"], r_l, rtol=RTOL, atol=1e-12)
     assert out.metrics["rewards/accuracies"].tolist() == (r_w > r_l).double().tolist()
     assert 0 < trl_metrics["rewards/accuracies"] < 1
-    if loss_type == "sigmoid":
-        expected = -F.logsigmoid(r_w - r_l).mean()
-    else:
-        n_w, n_l = completion_mask[:n_pairs].sum(-1), completion_mask[n_pairs:].sum(-1)
-        expected = ((-OFFSET_CHOSEN / n_w + OFFSET_REJECTED / n_l - 1 / (2 * BETA)) ** 2).mean()
-    assert math.isclose(trl_loss.item(), expected.item(), rel_tol=RTOL), (trl_loss.item(), expected.item())
+    closed_form = {"sigmoid": lambda: -F.logsigmoid(r_w - r_l).mean(),
+                   "ipo": lambda: ((-OFFSET_CHOSEN / n_w + OFFSET_REJECTED / n_l - 1 / (2 * beta)) ** 2).mean(),
+                   "hinge": lambda: torch.relu(1 - (r_w - r_l)).mean(),
+                   "bco_pair": lambda: (-F.logsigmoid(r_w) - F.logsigmoid(-r_l)).mean(),
+                   "exo_pair": lambda: (torch.sigmoid(r_w - r_l) * (F.logsigmoid(r_w - r_l) - math.log1p(-eps))
+                                        + torch.sigmoid(r_l - r_w) * (F.logsigmoid(r_l - r_w) - math.log(eps))).mean()}
+    eps = trainer.label_smoothing
+    n_w, n_l = completion_mask[:n_pairs].sum(-1), completion_mask[n_pairs:].sum(-1)
+    if loss_type in closed_form:
+        expected = closed_form[loss_type]()
+        assert math.isclose(out.loss.item(), expected.item(), rel_tol=RTOL), (out.loss.item(), expected.item())
+        assert math.isclose(trl_loss.item(), expected.item(), rel_tol=rtol), (trl_loss.item(), expected.item())
 
 
 # Spec section 1, worked example.
@@ -235,3 +256,20 @@ def test_spec_worked_example_batch_mean():
     torch.testing.assert_close(out.metrics["rewards/margins"], torch.tensor([0.15, -0.2], dtype=torch.float64),
                                rtol=RTOL, atol=1e-15)
     assert math.isclose(out.loss.item(), 0.709547958585562, rel_tol=RTOL)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
+def test_aot_sorts_among_the_real_pairs_only(loss_type):
+    """A short step's zero-weight filler rows take no place in AOT's sort: the loss of a micro-batch with a
+    filler equals the loss of its real pairs alone (TRL sorts its whole per-device batch; it has no fillers)."""
+    generator = torch.Generator().manual_seed(3)
+    values = {k: -torch.rand(4, 5, generator=generator, dtype=torch.float64) for k in ("c", "r", "rc", "rr")}
+    ones = torch.ones(4, 5, dtype=torch.float64)
+    full = _pair_inputs(values["c"], values["r"], ones, ones.clone(), values["rc"], values["rr"])
+    with_filler = replace(full, pair_weight=torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64))
+    real = _pair_inputs(*(values[k][:3] for k in ("c", "r")), ones[:3], ones[:3].clone(),
+                        *(values[k][:3] for k in ("rc", "rr")))
+    plugin = _dpo(loss_type, 0.5)
+    filled = _step_loss(plugin, with_filler).loss
+    alone = plugin.step_loss(real, StepCounts(examples=3.0, tokens=15.0)).loss
+    assert math.isclose(filled.item(), alone.item(), rel_tol=RTOL)

