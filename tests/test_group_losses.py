@@ -271,7 +271,8 @@ def test_on_policy_ratio_is_one_and_never_clips():
 # ----------------------------------------------------------------------------------------------------
 
 def test_leave_one_out_estimator_by_hand_and_group_mean_std_is_trls():
-    assert set(ADVANTAGE_ESTIMATORS) == {"group_mean", "group_mean_std", "batch_std", "leave_one_out", "none"}
+    assert set(ADVANTAGE_ESTIMATORS) == {"group_mean", "group_mean_std", "batch_std", "leave_one_out",
+                                         "reinforce_pp", "none"}
     # groups need not be contiguous: group 0 = rows 0, 2, 4, 6; group 1 = rows 1, 3; group 2 = row 5 alone
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5, 0.7, 0.25], dtype=DT)
     index = torch.tensor([0, 1, 0, 1, 0, 2, 0])
@@ -289,6 +290,11 @@ def test_leave_one_out_estimator_by_hand_and_group_mean_std_is_trls():
     single = ADVANTAGE_ESTIMATORS.get("leave_one_out")()(RolloutBatch(torch.tensor([0.9], dtype=DT),
                                                                       torch.tensor([7])))
     assert single.tolist() == [0.0]
+    # REINFORCE++: one baseline for the whole batch, r - mean(r), over its Bessel-corrected std (+ 1e-4)
+    mean, std = rewards.mean(), rewards.std(correction=1)
+    close(ADVANTAGE_ESTIMATORS.get("reinforce_pp")()(RolloutBatch(rewards, index)), (rewards - mean) / (std + 1e-4))
+    assert float(rewards.sum() / 7) == pytest.approx(float(mean)) and float(std) == pytest.approx(
+        (sum((float(r) - float(mean)) ** 2 for r in rewards) / 6) ** 0.5)
     # group_mean_std is TRL's group normalisation (and GRPO's default estimator), also on the spec example
     for r, g in ((rewards, index), (SPEC_REWARDS, ONE_GROUP)):
         batch = RolloutBatch(r, g)
@@ -319,14 +325,14 @@ def _core_case(name: str):
     counts = StepCounts(examples=float(weight.sum()) + 5.0, tokens=float((mask * weight[:, None]).sum()) + 17.0)
     gen = torch.Generator().manual_seed(7)
     extra = {}
-    if name.startswith("grpo"):
-        loss_type = name.split(":")[1]
-        params = {"beta": 0.04, "loss_type": loss_type, "epsilon_high": 0.28}
+    if name.startswith(("grpo", "gspo")):
+        loss_name, loss_type = name.split(":")[:2]
+        params = {"beta": 0.04, "loss_type": loss_type, "epsilon_high": 1.05 if loss_type == "cispo" else 0.28}
         if loss_type == "dr_grpo":
             params["max_completion_length"] = 7
         if name.endswith(":sequence"):
             params["importance_sampling_level"] = "sequence"
-        plugin = loss("grpo", **params)
+        plugin = loss(loss_name, **params)
         adv = plugin.compute_advantages(RolloutBatch(rewards, index))
     elif name == "gtpo":
         plugin = loss("gtpo")
@@ -351,7 +357,8 @@ def _core_case(name: str):
     return plugin, build, counts, new
 
 
-CORE_CASES = ["grpo:grpo", "grpo:dapo", "grpo:dr_grpo", "grpo:grpo:sequence", "gtpo", "copo"]
+CORE_CASES = ["grpo:grpo", "grpo:dapo", "grpo:dr_grpo", "grpo:grpo:sequence", "grpo:cispo", "grpo:sapo",
+              "gspo:grpo", "gtpo", "copo"]
 
 
 def test_core_cases_cover_every_registered_group_loss():
@@ -471,16 +478,24 @@ def trl_loss(trainer, lp, old, ref, mask, adv, beta, epsilon_high, bias=False, l
     return trainer._compute_loss(trainer.model, inputs)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
 def test_grpo_equals_trl(trl_grpo, loss_type):
     trainer = trl_grpo(loss_type)
     assert trainer.loss_type == loss_type and trainer.epsilon_low == 0.2
     assert trainer.max_completion_length == 7 and trainer.accelerator.num_processes == 1
     new, old, ref, mask, rewards, index = random_rollout(3)
-    for beta, eps_high, bias, level in [(0.04, 0.2, False, "token"), (0.0, 0.28, False, "token"),
-                                        (0.04, 0.28, True, "token"), (0.04, 0.2, True, "sequence")]:
+    settings = [(0.04, 0.2, False, "token"), (0.0, 0.28, False, "token"), (0.04, 0.28, True, "token"),
+                (0.04, 0.2, True, "sequence")]
+    if loss_type == "cispo":  # its epsilon_high caps the ratio itself (MiniMax-M1 uses values above 1)
+        settings = [(0.04, 1.05, False, "token"), (0.0, 0.9, False, "token"), (0.04, 1.02, True, "token")]
+    temperatures = [(1.0, 1.05)] * len(settings)
+    if loss_type == "sapo":  # TRL's torch.where makes the temperatures float32: values exact in float32 compare exactly
+        temperatures = [(1.0, 1.25), (0.5, 2.0), (2.0, 0.5), (1.0, 1.25)]
+    for (beta, eps_high, bias, level), (t_pos, t_neg) in zip(settings, temperatures):
+        trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg = t_pos, t_neg
         plugin = loss("grpo", beta=beta, loss_type=loss_type, epsilon_high=eps_high, use_bias_correction_kl=bias,
-                      importance_sampling_level=level, max_completion_length=7)
+                      importance_sampling_level=level, max_completion_length=7, sapo_temperature_pos=t_pos,
+                      sapo_temperature_neg=t_neg)
         adv = plugin.compute_advantages(RolloutBatch(rewards, index))
         ours, g_ours = grad_of(lambda lp: step_loss(plugin, inputs_for(lp, mask, adv, old, ref)).loss, new)
         theirs, g_theirs = grad_of(lambda lp: trl_loss(trainer, lp, old, ref, mask, adv, beta, eps_high, bias, level),
@@ -655,3 +670,28 @@ def test_copo_gradient_equals_autograd_of_verl_formula(flag):
     close(ours, ref)
     close(g_ours, g_ref)
     assert (adv[5:8, :2] < 0).all() and g_ours[5:8, 0].abs().max() == 0  # dual-clipped: no gradient
+
+
+def test_gspo_is_grpo_with_sequence_ratios_and_the_papers_clip_range():
+    gspo = loss("gspo")
+    assert (gspo.params.importance_sampling_level, gspo.params.epsilon, gspo.params.epsilon_high,
+            gspo.params.loss_type, gspo.params.beta) == ("sequence", 3e-4, 4e-4, "grpo", 0.0)
+    as_grpo = loss("grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, loss_type="grpo")
+    new, old, ref, mask, rewards, index = random_rollout(3)
+    adv = gspo.compute_advantages(RolloutBatch(rewards, index))
+    a = step_loss(gspo, inputs_for(new, mask, adv, old, ref)).loss
+    b = step_loss(as_grpo, inputs_for(new, mask, adv, old, ref)).loss
+    assert a.item() == b.item() and a.item() != 0
+
+
+def test_cispo_keeps_a_gradient_on_tokens_ppo_would_clip():
+    """CISPO's weight is the clipped, detached ratio: a token with rho far above 1 + eps (A > 0) still gets
+    gradient -min(rho, eps_high) A / tokens, where PPO's clipped surrogate gives 0."""
+    lp = torch.tensor([[-1.0, -2.0]], dtype=DT)
+    old = torch.tensor([[-3.0, -2.0]], dtype=DT)  # token 0: rho = e^2
+    mask, adv = torch.ones(1, 2, dtype=DT), torch.tensor([1.0], dtype=DT)
+    cispo, ppo = loss("grpo", loss_type="cispo", epsilon_high=5.0), loss("grpo", loss_type="dapo", epsilon_high=0.28)
+    _, g_cispo = grad_of(lambda x: step_loss(cispo, inputs_for(x, mask, adv, old, None)).loss, lp)
+    _, g_ppo = grad_of(lambda x: step_loss(ppo, inputs_for(x, mask, adv, old, None)).loss, lp)
+    close(g_cispo, torch.tensor([[-5.0 / 2, -1.0 / 2]], dtype=DT))  # min(e^2, 5) = 5 on token 0, rho = 1 on token 1
+    assert g_ppo[0, 0] == 0 and g_ppo[0, 1] == pytest.approx(-0.5)

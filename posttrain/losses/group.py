@@ -291,6 +291,17 @@ class LeaveOneOut(AdvantageEstimator):
         return torch.where(sizes > 1, rewards - others, torch.zeros_like(rewards))
 
 
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+class ReinforcePlusPlus(AdvantageEstimator):
+    """A = (r - mean(r)) / (std(r) + 1e-4), mean and Bessel-corrected std over the whole rollout batch
+    (REINFORCE++, Hu et al. 2025, outcome rewards: the global batch normalisation, no per-prompt baseline)."""
+
+    def __call__(self, batch):
+        rewards = batch.rewards.detach()
+        std = rewards.std(correction=1) if rewards.numel() > 1 else rewards.new_zeros(())
+        return (rewards - rewards.mean()) / (std + self.eps)
+
+
 @ADVANTAGE_ESTIMATORS.register("none")
 class RawReward(AdvantageEstimator):
     """A = r (REINFORCE without a baseline)."""

@@ -10,6 +10,9 @@ Per-token loss (TRL `_compute_loss`):
     rho_t  = exp(lp_t - lp_old,t)          importance_sampling_level "sequence" (GSPO): exp(mean_t(lp - lp_old))
     l_t    = -min(rho_t A, clip(rho_t, 1 - epsilon, 1 + epsilon_high) A) + beta * KL_t
     KL_t   = exp(lp_ref - lp) - (lp_ref - lp) - 1   (k3), times rho_t if use_bias_correction_kl (TRL 1.16 default)
+    cispo: l_t = -sg(min(rho_t, epsilon_high)) A lp_t + beta KL_t        (MiniMax-M1; token mean like dapo)
+    sapo:  l_t = -(4 / tau) sigmoid(tau (rho_t - 1)) A + beta KL_t,  tau = sapo_temperature_pos if A > 0 else _neg
+           (SAPO, Gao et al. 2025; sequence-mean of token-means like grpo)
 
 Aggregation (`loss_type`). In posttrain every denominator is global (the whole optimiser step,
 all micro-batches and processes), so the loss and its gradient do not depend on the split:
@@ -49,7 +52,7 @@ from posttrain.losses.group import (GroupLoss, GroupLossInputs, RolloutBatch, as
                                     per_completion, ppo_clip)
 
 AGGREGATION = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
-               "dr_grpo": "seq_mean_token_sum_norm"}
+               "dr_grpo": "seq_mean_token_sum_norm", "cispo": "token_mean", "sapo": "seq_mean_token_mean"}
 ESTIMATOR = {"group": "group_mean_std", "batch": "batch_std", "none": "group_mean"}
 
 
@@ -64,10 +67,12 @@ class GRPOLoss(GroupLoss):
         epsilon: float = 0.2
         epsilon_high: Optional[float] = None  # None -> epsilon; DAPO clip-higher: 0.28
         scale_rewards: Literal["group", "batch", "none"] = "group"
-        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
         max_completion_length: Optional[int] = None  # dr_grpo's constant denominator
         use_bias_correction_kl: bool = True  # TRL 1.16: KL term multiplied by the ratio
         importance_sampling_level: Literal["token", "sequence"] = "token"  # "sequence" = GSPO
+        sapo_temperature_pos: float = 1.0  # SAPO's gate temperature for A > 0 (TRL 1.16's default)
+        sapo_temperature_neg: float = 1.05  # ... and for A <= 0
 
         def validate(self):
             if self.beta < 0:
@@ -76,6 +81,11 @@ class GRPOLoss(GroupLoss):
                 raise ValueError(f"epsilon (lower clip) must be in (0, 1), got {self.epsilon}")
             if self.epsilon_high is not None and self.epsilon_high <= 0:
                 raise ValueError(f"epsilon_high must be positive (or null for epsilon), got {self.epsilon_high}")
+            if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+                raise ValueError("sapo_temperature_pos and sapo_temperature_neg must be positive")
+            if self.loss_type == "cispo" and self.importance_sampling_level == "sequence":
+                raise ValueError("cispo weights each token by its own clipped ratio: importance_sampling_level must "
+                                 "be token (TRL refuses the combination too)")
             if self.loss_type == "dr_grpo" and (self.max_completion_length is None or self.max_completion_length < 1):
                 raise ValueError("loss_type dr_grpo divides by completions x max_completion_length: set "
                                  "max_completion_length (the generation limit, a positive integer).")
@@ -101,7 +111,7 @@ class GRPOLoss(GroupLoss):
         if p.importance_sampling_level == "sequence":  # GSPO: one ratio per sequence, exp of the mean token log-ratio
             log_ratio = ((log_ratio * mask).sum(-1) / completion_lengths(mask))[:, None].expand_as(lp)
         coef = torch.exp(log_ratio)
-        per_token, _ = ppo_clip(coef, adv, p.epsilon, eps_high)
+        per_token = self._policy_term(coef, adv, lp, eps_high)
         metrics = self._clip_metrics(coef, adv, mask, p.epsilon, eps_high)
         parts = {}
         if p.beta > 0:
@@ -114,6 +124,20 @@ class GRPOLoss(GroupLoss):
             per_token = per_token + kl_term
             metrics["kl"] = ((kl * mask).sum(-1) / completion_lengths(mask)).detach()
         return LossOutput(self._aggregate(per_token, mask), metrics, parts)
+
+    def _policy_term(self, coef: torch.Tensor, adv: torch.Tensor, lp: torch.Tensor, eps_high: float) -> torch.Tensor:
+        """Per-token policy loss of `loss_type`: PPO's clipped surrogate; CISPO's -sg(min(rho, epsilon_high)) A lp
+        (MiniMax-M1, Chen et al. 2025: the ratio is clipped and detached, every token keeps a gradient); SAPO's
+        soft gate -(4 / tau) sigmoid(tau (rho - 1)) A with tau = sapo_temperature_pos for A > 0, else _neg
+        (Gao et al. 2025). All as TRL 1.16 writes them."""
+        p = self.params
+        if p.loss_type == "cispo":
+            return -torch.clamp(coef, max=eps_high).detach() * adv * lp
+        if p.loss_type == "sapo":
+            tau = torch.where(adv > 0, torch.full_like(adv, p.sapo_temperature_pos),
+                              torch.full_like(adv, p.sapo_temperature_neg))
+            return -torch.sigmoid(tau * (coef - 1)) * 4 / tau * adv
+        return ppo_clip(coef, adv, p.epsilon, eps_high)[0]
 
     def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return per_completion(per_token, mask, self.aggregation, self.params.max_completion_length)[0]
@@ -129,3 +153,16 @@ class GRPOLoss(GroupLoss):
         return {"clip_ratio/low_mean": low_share, "clip_ratio/high_mean": high_share,
                 "clip_ratio/low_min": low_share, "clip_ratio/high_max": high_share,
                 "clip_ratio/region_mean": (((low + high).clamp(max=1) * mask).sum(-1) / n).detach()}
+
+
+@register_loss("gspo")
+class GSPOLoss(GRPOLoss):
+    """GSPO (Zheng et al. 2025): GRPO with one importance ratio per sequence, exp(mean_t(lp - lp_old)), and the
+    paper's clip range (3e-4, 4e-4), no KL; TRL 1.16 runs it as GRPO with importance_sampling_level="sequence"."""
+
+    @dataclass
+    class Params(GRPOLoss.Params):
+        epsilon: float = 3e-4
+        epsilon_high: Optional[float] = 4e-4
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "grpo"
+        importance_sampling_level: Literal["token", "sequence"] = "sequence"
