@@ -334,6 +334,9 @@ def _core_case(name: str):
             params["importance_sampling_level"] = "sequence"
         plugin = loss(loss_name, **params)
         adv = plugin.compute_advantages(RolloutBatch(rewards, index))
+    elif name == "gmpo":
+        plugin = loss("gmpo", beta=0.04, epsilon=0.2, epsilon_high=0.3)
+        adv = plugin.compute_advantages(RolloutBatch(rewards, index))
     elif name == "gtpo":
         plugin = loss("gtpo")
         ids = torch.randint(3, 5, new.shape, generator=gen)
@@ -358,7 +361,7 @@ def _core_case(name: str):
 
 
 CORE_CASES = ["grpo:grpo", "grpo:dapo", "grpo:dr_grpo", "grpo:grpo:sequence", "grpo:cispo", "grpo:sapo",
-              "gspo:grpo", "gtpo", "copo"]
+              "gspo:grpo", "gmpo", "gtpo", "copo"]
 
 
 def test_core_cases_cover_every_registered_group_loss():
@@ -695,3 +698,39 @@ def test_cispo_keeps_a_gradient_on_tokens_ppo_would_clip():
     _, g_ppo = grad_of(lambda x: step_loss(ppo, inputs_for(x, mask, adv, old, None)).loss, lp)
     close(g_cispo, torch.tensor([[-5.0 / 2, -1.0 / 2]], dtype=DT))  # min(e^2, 5) = 5 on token 0, rho = 1 on token 1
     assert g_ppo[0, 0] == 0 and g_ppo[0, 1] == pytest.approx(-0.5)
+
+
+@pytest.mark.parametrize("beta, eps, eps_high", [(0.0, 0.4, None), (0.04, 0.2, 0.3), (0.04, 0.05, 0.1)])
+def test_gmpo_equals_trl_gmpo_trainer(tokenizer, tmp_path, beta, eps, eps_high):
+    """TRL 1.16's experimental GMPOTrainer._compute_loss on the same per-token log-probs, float64, one micro-batch."""
+    pytest.importorskip("trl", minversion="1.16")
+    from datasets import Dataset
+    from trl.experimental.gmpo import GMPOConfig, GMPOTrainer
+
+    from conftest import make_tiny_model
+
+    args = GMPOConfig(output_dir=str(tmp_path / "gmpo"), beta=0.0, epsilon=eps, epsilon_high=eps_high,
+                      num_generations=4, per_device_train_batch_size=4, max_completion_length=7, report_to="none",
+                      use_cpu=True, bf16=False, fp16=False, save_strategy="no", logging_strategy="no", seed=0)
+    trainer = GMPOTrainer(model=make_tiny_model(len(tokenizer), dtype=DT),
+                          reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}), processing_class=tokenizer)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.beta = beta  # set after construction: with beta > 0 TRL would load a reference model by name
+    new, old, ref, mask, rewards, index = random_rollout(3)
+    plugin = loss("gmpo", beta=beta, epsilon=eps, epsilon_high=eps_high)
+    adv = plugin.compute_advantages(RolloutBatch(rewards, index))
+    ours, g_ours = grad_of(lambda lp: step_loss(plugin, inputs_for(lp, mask, adv, old, ref)).loss, new)
+
+    def theirs(lp):
+        n, width = lp.shape
+        trainer._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.zeros_like(lp), None)
+        inputs = {"prompt_ids": torch.ones(n, 2, dtype=torch.long), "prompt_mask": torch.ones(n, 2, dtype=torch.long),
+                  "completion_ids": torch.ones(n, width, dtype=torch.long), "completion_mask": mask.long(),
+                  "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref}
+        return trainer._compute_loss(trainer.model, inputs)
+
+    value, g_theirs = grad_of(theirs, new)
+    close(ours, value)
+    close(g_ours, g_theirs)
+    assert (g_ours != 0).any()

@@ -439,6 +439,14 @@ PAIR_LOSS_CASES = {  # every registered pair loss at its defaults, and the varia
     "dpo-ipo": ("dpo", {"loss_type": "ipo", "beta": 0.5}),
     "dpo-cdpo": ("dpo", {"label_smoothing": 0.2}),
     "dpo-reference_free": ("dpo", {"reference_free": True}),
+    **{f"dpo-{t}": ("dpo", {"loss_type": t, "beta": 0.5, **extra}) for t, extra in [
+        ("sigmoid_norm", {}), ("hinge", {}), ("exo_pair", {"label_smoothing": 0.01}), ("nca_pair", {}),
+        ("bco_pair", {}), ("sppo_hard", {}), ("aot", {"label_smoothing": 0.1}), ("aot_unpaired", {}),
+        ("apo_zero", {}), ("apo_down", {}), ("discopop", {})]},
+    "cpo-ipo": ("cpo", {"loss_type": "ipo", "beta": 0.5}),
+    "cpo-hinge": ("cpo", {"loss_type": "hinge", "cpo_alpha": 0.0}),
+    "cpo-alphapo": ("cpo", {"alpha": 0.1, "label_smoothing": 0.1}),
+    "orpo-0.5": ("orpo", {"beta": 0.5}),
     "rdpo-0.3": ("rdpo", {"eps": 0.3}),
     "rpo-sum_times_beta": ("rpo", {"alpha": 0.5, "reduction": "sum_times_beta"}),  # the default reduction
     "rpo-mean_per_seq": ("rpo", {"alpha": 0.5, "reduction": "mean_per_seq"}),
@@ -457,7 +465,7 @@ TINY_LENGTHS = [(3, 5, 2), (2, 1, 6), (4, 3, 3), (1, 4, 2)]
 
 
 def test_every_registered_pair_loss_has_a_case():
-    assert {"dpo", "rdpo", "rpo", "sft", "simpo", "tabpo"} <= set(PAIR_LOSS_NAMES)  # registration did not break
+    assert {"dpo", "rdpo", "rpo", "sft", "simpo", "tabpo", "cpo", "orpo"} <= set(PAIR_LOSS_NAMES)  # registered
     assert {name for name, _ in PAIR_LOSS_CASES.values()} >= set(PAIR_LOSS_NAMES)
 
 
@@ -700,11 +708,24 @@ def test_rdpo_and_rpo_equal_trl_dpo_trainer(dpo_trainer):
     _close(trl_loss.item(), expected.item())
 
 
-CPO_CASES = {  # CPOConfig overrides -> SimPO params. SimPO's sft_weight is CPO's cpo_alpha (token-mean NLL).
-    "simpo": ({"cpo_alpha": 0.0}, {}),
-    "simpo+sft+ls": ({"cpo_alpha": 0.5, "label_smoothing": 0.1}, {"sft_weight": 0.5, "label_smoothing": 0.1}),
-}
 SIMPO_BETA, SIMPO_RATIO = 2.0, 0.4
+SIMPO_TRL = {"loss_type": "simpo", "beta": SIMPO_BETA, "simpo_gamma": SIMPO_BETA * SIMPO_RATIO}
+CPO_CASES = {  # CPOConfig -> (posttrain loss, params). SimPO's sft_weight and CPO's cpo_alpha: token-mean NLL.
+    "simpo": ({**SIMPO_TRL, "cpo_alpha": 0.0}, "simpo", {"beta": SIMPO_BETA, "gamma_beta_ratio": SIMPO_RATIO}),
+    "simpo+sft+ls": ({**SIMPO_TRL, "cpo_alpha": 0.5, "label_smoothing": 0.1},
+                     "simpo", {"beta": SIMPO_BETA, "gamma_beta_ratio": SIMPO_RATIO, "sft_weight": 0.5,
+                               "label_smoothing": 0.1}),
+    "cpo-sigmoid": ({"loss_type": "sigmoid", "beta": 0.1}, "cpo", {"beta": 0.1}),
+    "cpo-sigmoid-ls": ({"loss_type": "sigmoid", "beta": 0.5, "cpo_alpha": 0.3, "label_smoothing": 0.2},
+                       "cpo", {"beta": 0.5, "cpo_alpha": 0.3, "label_smoothing": 0.2}),
+    "cpo-hinge": ({"loss_type": "hinge", "beta": 0.1}, "cpo", {"beta": 0.1, "loss_type": "hinge"}),
+    "cpo-hinge-nonll": ({"loss_type": "hinge", "beta": 0.05, "cpo_alpha": 0.0},
+                        "cpo", {"beta": 0.05, "loss_type": "hinge", "cpo_alpha": 0.0}),
+    "cpo-ipo": ({"loss_type": "ipo", "beta": 0.5, "cpo_alpha": 0.0}, "cpo",
+                {"beta": 0.5, "loss_type": "ipo", "cpo_alpha": 0.0}),
+    "cpo-ipo-nll": ({"loss_type": "ipo", "beta": 0.1}, "cpo", {"beta": 0.1, "loss_type": "ipo"}),
+    "cpo-alphapo": ({"loss_type": "sigmoid", "beta": 0.1, "alpha": 0.05}, "cpo", {"beta": 0.1, "alpha": 0.05}),
+}
 
 
 @pytest.fixture
@@ -714,25 +735,24 @@ def cpo_trainer(request, tokenizer, tmp_path, monkeypatch):
     from datasets import Dataset
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    trl_kwargs, ours = CPO_CASES[request.param]
+    trl_kwargs, name, ours = CPO_CASES[request.param]
     monkeypatch.setenv("TQDM_DISABLE", "1")
     model = make_tiny_model(len(tokenizer), seed=0, dtype=F64)
-    args = CPOConfig(output_dir=str(tmp_path / "cpo"), loss_type="simpo", beta=SIMPO_BETA,
-                     simpo_gamma=SIMPO_BETA * SIMPO_RATIO, report_to="none", use_cpu=True, bf16=False, fp16=False,
+    args = CPOConfig(output_dir=str(tmp_path / "cpo"), report_to="none", use_cpu=True, bf16=False, fp16=False,
                      per_device_train_batch_size=len(PAIRS["prompt"]), max_length=512, save_strategy="no",
                      logging_strategy="no", seed=0, **trl_kwargs)
     trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(PAIRS), processing_class=tokenizer)
-    yield trainer, {"beta": SIMPO_BETA, "gamma_beta_ratio": SIMPO_RATIO, **ours}
+    yield trainer, name, ours
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize("cpo_trainer", list(CPO_CASES), indirect=True)
-def test_simpo_equals_trl_cpo_trainer_simpo(cpo_trainer):
-    """TRL computes its own average log-probs from the float64 logits (`get_batch_logps(average_log_prob=True)`)
-    and its own NLL (`nn.CrossEntropyLoss` over the chosen completion tokens of the micro-batch)."""
-    trainer, params = cpo_trainer
-    assert trainer.loss_type == "simpo" and trainer.alpha == 0.0
-    assert trainer.simpo_gamma == pytest.approx(SIMPO_BETA * SIMPO_RATIO)
+def test_simpo_and_cpo_equal_trl_cpo_trainer(cpo_trainer):
+    """TRL computes its own (average or summed) log-probs from the float64 logits (`get_batch_logps`) and its own
+    NLL (`nn.CrossEntropyLoss` over the chosen completion tokens of the micro-batch)."""
+    trainer, name, params = cpo_trainer
+    assert trainer.loss_type == params.get("loss_type", "simpo" if name == "simpo" else "sigmoid")
+    assert trainer.alpha == params.get("alpha", 0.0) and trainer.beta == params["beta"]
     model = trainer.model
     assert next(model.parameters()).dtype == F64
     dataset = trainer.train_dataset
@@ -757,11 +777,11 @@ def test_simpo_equals_trl_cpo_trainer_simpo(cpo_trainer):
     mask = completion[:, 1:].to(F64)
     assert len({int(x) for x in mask[:n].sum(-1)}) > 1  # responses of different lengths: averaging matters
     # The gradient is the trainer's: coefficients on detached log-probs, -sum c lp backpropagated into the model.
-    out, _ = _through_coefficients(_loss("simpo", **params), _inputs(logps[:n], logps[n:], mask[:n], mask[n:]))
+    out, _ = _through_coefficients(_loss(name, **params), _inputs(logps[:n], logps[n:], mask[:n], mask[n:]))
     _close(out.loss.item(), trl_loss.item())
     for metric in METRICS:
         _close(out.metrics[metric].mean().item(), trl_metrics[metric])
-    if params.get("sft_weight"):
+    if params.get("sft_weight") or (name == "cpo" and params.get("cpo_alpha", 1.0)):
         _close(out.parts["loss/sft"].item(), trl_metrics["nll_loss"])
     else:
         assert trl_metrics["nll_loss"] == 0.0
@@ -822,6 +842,8 @@ def test_reference_free_simpo_never_runs_a_reference_pass(tiny_model_dir, tmp_pa
     ({"name": "simpo", "params": {"beta": 2.0, "gamma_beta_ratio": 0.5}}, "ranking_accuracy_normalised"),
     ({"name": "rpo", "params": {"beta": 0.1, "alpha": 0.2, "reduction": "mean_per_seq"}}, "ranking_accuracy"),
     ({"name": "rdpo", "params": {"beta": 0.1, "eps": 0.2}}, "ranking_accuracy"),
+    ({"name": "cpo", "params": {"beta": 0.1}}, "ranking_accuracy"),
+    ({"name": "orpo", "params": {"beta": 0.5}}, "ranking_accuracy_normalised"),
 ] + [({"name": "dpo", "params": {"beta": 0.1, "loss_type": loss_type, **extra}}, "ranking_accuracy")
      for loss_type, extra in [("sigmoid_norm", {}), ("hinge", {}), ("exo_pair", {"label_smoothing": 1e-3}),
                               ("nca_pair", {}), ("bco_pair", {}), ("sppo_hard", {}), ("aot", {}),
@@ -863,3 +885,45 @@ def test_discopop_slope_at_the_reference_follows_its_formula(tau):
     slope = -0.75 + (1 - math.log(2)) / (4 * tau)
     assert h.grad.item() == pytest.approx(beta * slope, rel=1e-12)
     assert (h.grad.item() > 0) == (tau < 0.102)
+
+
+# ====================================================================================== ORPO
+def test_orpo_worked_example_by_hand():
+    """One pair with mean completion log-probs A_w = -0.5, A_l = -1.0 (two tokens each), beta = 0.1:
+    log odds(y) = A - log(1 - e^A); L_OR = -logsigmoid(log odds_w - log odds_l); L = NLL + beta L_OR,
+    the NLL being the token mean of -lp over the chosen tokens (0.5)."""
+    odds_w = -0.5 - math.log(1 - math.exp(-0.5))
+    odds_l = -1.0 - math.log(1 - math.exp(-1.0))
+    l_or = math.log1p(math.exp(-(odds_w - odds_l)))
+    assert l_or == pytest.approx(0.3203, abs=1e-4)  # by hand: 0.432752 - (-0.541325) = 0.974077 -> 0.320321
+    chosen = torch.tensor([[-0.25, -0.75]], dtype=F64)
+    rejected = torch.tensor([[-1.5, -0.5]], dtype=F64)
+    ones = torch.ones(1, 2, dtype=F64)
+    out = _step(_loss("orpo", beta=0.1), _inputs(chosen, rejected, ones, ones.clone()))
+    assert math.isclose(out.loss.item(), 0.5 + 0.1 * l_or, rel_tol=1e-12)
+    assert math.isclose(out.metrics["log_odds_chosen"].item(), odds_w - odds_l, rel_tol=1e-12)
+    assert math.isclose(out.parts["loss/sft"].item(), 0.5, rel_tol=1e-12)
+
+
+def test_orpo_odds_ratio_term_equals_trls_odds_ratio_loss():
+    """TRL 1.16's experimental ORPOTrainer.odds_ratio_loss on the same mean log-probs (TRL casts them to float32,
+    hence rtol 1e-6); TRL's NLL term differs by design (it covers the prompt too), so only this term is TRL's."""
+    pytest.importorskip("trl", minversion="1.16")
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    generator = torch.Generator().manual_seed(5)
+    chosen, rejected = (-3 * torch.rand(6, 4, generator=generator, dtype=F64) for _ in range(2))
+    mask = torch.ones(6, 4, dtype=F64)
+    mask[1, 3] = mask[4, 2:] = 0
+    fake = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    a_w, a_l = ((x * mask).sum(-1) / mask.sum(-1) for x in (chosen, rejected))
+    trl_losses, trl_w, trl_l, trl_ratio, trl_log_odds = ORPOTrainer.odds_ratio_loss(fake, a_w, a_l)
+    from posttrain.losses.orpo import OddsRatio
+
+    out = OddsRatio(SimpleNamespace(beta=0.25))(_inputs(chosen, rejected, mask, mask.clone()))
+    torch.testing.assert_close(out.loss, -trl_losses.to(F64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.metrics["rewards/chosen"], trl_w.to(F64), rtol=1e-6, atol=0)
+    assert out.metrics["log_odds_ratio"].mean().item() == pytest.approx(trl_ratio.item(), rel=1e-6)
+    assert out.metrics["log_odds_chosen"].mean().item() == pytest.approx(trl_log_odds.item(), rel=1e-6)

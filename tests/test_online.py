@@ -239,8 +239,8 @@ def test_truncated_completions_are_penalised_per_recipe(tiny_model_dir, tmp_path
 
 
 @pytest.mark.parametrize("loss,params", [("grpo", {"loss_type": "cispo", "epsilon_high": 5.0}),
-                                         ("grpo", {"loss_type": "sapo"}), ("gspo", {})])
-def test_cispo_sapo_and_gspo_train_online(tiny_model_dir, tmp_path, loss, params):
+                                         ("grpo", {"loss_type": "sapo"}), ("gspo", {}), ("gmpo", {})])
+def test_cispo_sapo_gspo_and_gmpo_train_online(tiny_model_dir, tmp_path, loss, params):
     raw = online_recipe(tiny_model_dir, tmp_path / "run", loss=loss, params=params, train={"max_steps": 16},
                         sampler={"name": "uniform", "success_threshold": 0.85})
     summary = Trainer(recipe_from(raw)).train()
