@@ -157,6 +157,7 @@ def _losses(_args) -> int:
 
 LEVEL_NOTES = {"grpo": "  [level token for loss_type dapo/bnpo, sequence for grpo/dr_grpo; reference iff beta > 0]",
                "sft": "  [level token for reduction token_mean_batch, else sequence]",
+               "gspo": "  [GRPO with one importance ratio per sequence and the GSPO paper's clip range]",
                "simpo": "  [+ token with sft_weight > 0]", "dpo": "  [no reference with reference_free]"}
 
 

@@ -20,20 +20,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from posttrain.losses.base import (LossOutput, LossPlugin, PairLossInputs, preference_metrics, register_loss,
-                                   sequence_sums)
-from posttrain.losses.registry import CombinedLoss, get_loss_class
+from posttrain.losses.base import LossOutput, PairLossInputs, preference_metrics, register_loss, sequence_sums
+from posttrain.losses.registry import CombinedLoss, SharedParamsTerm, with_chosen_nll
 
 
-class CPOPreference(LossPlugin):
+class CPOPreference(SharedParamsTerm):
     """CPO's preference term (the `cpo` loss without its NLL)."""
 
     name = "cpo"
-    needs_reference = False
-    level = "sequence"
-
-    def __init__(self, params):
-        self.params = params
 
     def __call__(self, inputs: PairLossInputs) -> LossOutput:
         p = self.params
@@ -75,9 +69,5 @@ class CPOLoss(CombinedLoss):
     def __init__(self, params=None):
         params = params if params is not None else self.Params()
         params.validate()
-        terms = [(1.0, CPOPreference(params))]
-        if params.cpo_alpha:
-            sft = get_loss_class("sft")
-            terms.append((params.cpo_alpha, sft(sft.Params(reduction="token_mean_batch"))))
-        super().__init__(terms)
+        super().__init__(with_chosen_nll(CPOPreference(params), params.cpo_alpha))
         self.params = params

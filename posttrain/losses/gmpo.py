@@ -21,14 +21,12 @@ from typing import Literal, Optional
 import torch
 
 from posttrain.losses.base import LossOutput, register_loss
-from posttrain.losses.group import GroupLoss, GroupLossInputs, RolloutBatch, as_token_tensor, completion_lengths
-from posttrain.losses.grpo import ESTIMATOR
+from posttrain.losses.group import GroupLossInputs, ScaledRewardLoss, as_token_tensor, completion_lengths
 
 
 @register_loss("gmpo")
-class GMPOLoss(GroupLoss):
+class GMPOLoss(ScaledRewardLoss):
     level = "sequence"
-    accepts_estimator = True
 
     @dataclass
     class Params:
@@ -42,15 +40,6 @@ class GMPOLoss(GroupLoss):
                 raise ValueError(f"beta (KL coefficient) must be >= 0, got {self.beta}")
             if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
                 raise ValueError("epsilon and epsilon_high (log-space clip bounds) must be positive")
-
-    def __init__(self, params=None):
-        super().__init__(params)
-        self.needs_reference = self.params.beta > 0
-        self.default_estimator = ESTIMATOR[self.params.scale_rewards]
-        self.use_estimator(None)
-
-    def compute_advantages(self, batch: RolloutBatch) -> torch.Tensor:
-        return self.estimator(batch)
 
     def __call__(self, inputs: GroupLossInputs) -> LossOutput:
         p = self.params

@@ -146,6 +146,27 @@ class GroupLoss(LossPlugin):
         raise NotImplementedError  # abstractmethod: every group loss defines it
 
 
+SCALE_REWARDS_ESTIMATOR = {"group": "group_mean_std", "batch": "batch_std", "none": "group_mean"}
+
+
+class ScaledRewardLoss(GroupLoss):
+    """A group loss with GRPO's advantages (one per completion, from the estimator its `scale_rewards` param
+    names, unless the recipe's `rollout.advantage_estimator` names another) and a reference only for its KL
+    term (`beta > 0`): GRPO and GMPO."""
+
+    accepts_estimator = True
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.needs_reference = self.params.beta > 0
+        self.default_estimator = SCALE_REWARDS_ESTIMATOR[self.params.scale_rewards]
+        self.use_estimator(None)
+
+    def compute_advantages(self, batch: "RolloutBatch") -> torch.Tensor:
+        """One advantage per completion [N] from the estimator (group baseline, TRL's std scaling by default)."""
+        return self.estimator(batch)
+
+
 # ----------------------------------------------------------------------------------------------------
 # group statistics
 # ----------------------------------------------------------------------------------------------------

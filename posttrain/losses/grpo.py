@@ -48,18 +48,16 @@ from typing import Literal, Optional
 import torch
 
 from posttrain.losses.base import LossOutput, register_loss
-from posttrain.losses.group import (GroupLoss, GroupLossInputs, RolloutBatch, as_token_tensor, completion_lengths,
+from posttrain.losses.group import (GroupLossInputs, ScaledRewardLoss, as_token_tensor, completion_lengths,
                                     per_completion, ppo_clip)
 
 AGGREGATION = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
                "dr_grpo": "seq_mean_token_sum_norm", "cispo": "token_mean", "sapo": "seq_mean_token_mean"}
-ESTIMATOR = {"group": "group_mean_std", "batch": "batch_std", "none": "group_mean"}
 
 
 @register_loss("grpo")
-class GRPOLoss(GroupLoss):
+class GRPOLoss(ScaledRewardLoss):
     level = "token"
-    accepts_estimator = True
 
     @dataclass
     class Params:
@@ -92,15 +90,8 @@ class GRPOLoss(GroupLoss):
 
     def __init__(self, params=None):
         super().__init__(params)
-        self.needs_reference = self.params.beta > 0
         self.aggregation = AGGREGATION[self.params.loss_type]
         self.level = "token" if self.aggregation == "token_mean" else "sequence"
-        self.default_estimator = ESTIMATOR[self.params.scale_rewards]
-        self.use_estimator(None)
-
-    def compute_advantages(self, batch: RolloutBatch) -> torch.Tensor:
-        """One advantage per completion [N] from the estimator (group baseline, TRL's std scaling by default)."""
-        return self.estimator(batch)
 
     def __call__(self, inputs: GroupLossInputs) -> LossOutput:
         p = self.params

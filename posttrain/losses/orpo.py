@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, preference_metrics, register_loss, sequence_means
-from posttrain.losses.registry import CombinedLoss, get_loss_class
+from posttrain.losses.base import LossOutput, PairLossInputs, preference_metrics, register_loss, sequence_means
+from posttrain.losses.registry import CombinedLoss, SharedParamsTerm, with_chosen_nll
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -29,15 +29,10 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-class OddsRatio(LossPlugin):
+class OddsRatio(SharedParamsTerm):
     """ORPO's odds-ratio term beta * L_OR (the `orpo` loss without its NLL)."""
 
     name = "orpo"
-    needs_reference = False
-    level = "sequence"
-
-    def __init__(self, params):
-        self.params = params
 
     def __call__(self, inputs: PairLossInputs) -> LossOutput:
         beta = self.params.beta
@@ -63,6 +58,5 @@ class ORPOLoss(CombinedLoss):
     def __init__(self, params=None):
         params = params if params is not None else self.Params()
         params.validate()
-        sft = get_loss_class("sft")
-        super().__init__([(1.0, OddsRatio(params)), (1.0, sft(sft.Params(reduction="token_mean_batch")))])
+        super().__init__(with_chosen_nll(OddsRatio(params), 1.0))
         self.params = params

@@ -60,6 +60,25 @@ class CombinedLoss(LossPlugin):
         return StepLoss(total, metrics, parts, direct)
 
 
+class SharedParamsTerm(LossPlugin):
+    """A reference-free, sequence-level term of a built-in combined loss, given its parent's validated
+    params (SimPO's, CPO's and ORPO's preference terms)."""
+
+    needs_reference = False
+    level = "sequence"
+
+    def __init__(self, params):
+        self.params = params
+
+
+def with_chosen_nll(term: LossPlugin, nll_weight: float) -> list[tuple[float, LossPlugin]]:
+    """The terms of `term` + nll_weight * the token mean of -lp over the step's chosen tokens (the `sft` loss)."""
+    if not nll_weight:
+        return [(1.0, term)]
+    sft = get_loss_class("sft")
+    return [(1.0, term), (nll_weight, sft(sft.Params(reduction="token_mean_batch")))]
+
+
 def build_loss(terms, search_dirs: Iterable[Path] = ()) -> LossPlugin:
     plugins = [(t.weight, build_loss_term(t, i, search_dirs)) for i, t in enumerate(terms)]
     if len(plugins) == 1 and plugins[0][0] == 1.0:

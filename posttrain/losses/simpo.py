@@ -20,19 +20,14 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, preference_metrics, register_loss, sequence_sums
-from posttrain.losses.registry import CombinedLoss, get_loss_class
+from posttrain.losses.base import LossOutput, PairLossInputs, preference_metrics, register_loss, sequence_sums
+from posttrain.losses.registry import CombinedLoss, SharedParamsTerm, with_chosen_nll
 
 
-class SimPOPreference(LossPlugin):
+class SimPOPreference(SharedParamsTerm):
     """SimPO's preference term (the `simpo` loss without its optional SFT term)."""
 
     name = "simpo"
-    needs_reference = False
-    level = "sequence"
-
-    def __init__(self, params):
-        self.params = params
 
     def __call__(self, inputs: PairLossInputs) -> LossOutput:
         p = self.params
@@ -73,9 +68,5 @@ class SimPOLoss(CombinedLoss):
     def __init__(self, params=None):
         params = params if params is not None else self.Params()
         params.validate()
-        terms = [(1.0, SimPOPreference(params))]
-        if params.sft_weight:
-            sft = get_loss_class("sft")
-            terms.append((params.sft_weight, sft(sft.Params(reduction="token_mean_batch"))))
-        super().__init__(terms)
+        super().__init__(with_chosen_nll(SimPOPreference(params), params.sft_weight))
         self.params = params
