@@ -150,7 +150,8 @@ def _losses(_args) -> int:
     for name, cls in sorted(LOSSES.items()):
         loss = cls()  # the defaults: level and reference can depend on the params (GRPO's loss_type, beta)
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
-        print(f"{name:12s} data={loss.data_kind:6s} level={loss.level:16s} "
+        data = loss.data_kind if loss.data_kind == "groups" else "/".join(loss.row_kinds)
+        print(f"{name:12s} data={data:17s} level={loss.level:16s} "
               f"reference={'yes' if loss.needs_reference else 'no':3s}  {fields}{LEVEL_NOTES.get(name, '')}")
     return 0
 

@@ -60,8 +60,8 @@ class DataSource:
     path: Optional[str] = None
     builtin: Optional[str] = None  # name of a built-in task, e.g. "arithmetic"
     split: str = "train"  # for built-in tasks: train | heldout; for datasets dirs: the split name
-    # pairs: trl | hh | sft (demonstrations, for the sft loss); prompts (online RL): gsm8k | math | rl | prompt_answer (docs/rewards.md); auto detects
-    format: Literal["auto", "trl", "hh", "sft", "gsm8k", "math", "rl", "prompt_answer"] = "auto"
+    # pairs: trl | hh | sft (demonstrations, for sft) | kto (unpaired, for kto); prompts (online RL): gsm8k | math | rl | prompt_answer (docs/rewards.md); auto detects
+    format: Literal["auto", "trl", "hh", "sft", "kto", "gsm8k", "math", "rl", "prompt_answer"] = "auto"
     start: int = 0  # skip the first N valid rows (e.g. to hold out the rest of a file)
     limit: Optional[int] = None  # then keep at most N valid rows
     num_rows: Optional[int] = None  # for built-in tasks: how many pairs to generate

@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 from posttrain.errors import DataError
 
 HH_SPLIT = "\n\nAssistant:"
-DEMONSTRATION = "demonstration"  # extras key of a row read from SFT data (no rejected response)
+ROW_KIND = "row_kind"  # extras key: "demonstration" (SFT data) or "unpaired" (KTO data); pairs have none
+KTO_DESIRABLE = "kto_desirable"  # extras key of an unpaired row: 1.0 desirable, 0.0 undesirable
 Messages = list[dict]
 
 
@@ -127,6 +128,8 @@ def detect_format(record: dict, source: str, row: int = 1) -> str:
     if not isinstance(record, dict):
         raise DataError(f"{source}, row {row}: expected a JSON object with fields prompt/chosen/rejected, got "
                         f"{type(record).__name__}.")
+    if "completion" in record and "label" in record:
+        return "kto"
     if "messages" in record or ("completion" in record and "chosen" not in record):
         return "sft"
     if any(name in record for name in ("prompt", "chosen", "rejected")):
@@ -137,8 +140,9 @@ def detect_format(record: dict, source: str, row: int = 1) -> str:
         return "trl"
     raise DataError(
         f"{source}, row {row}: cannot tell the data format from fields {sorted(record)}. posttrain reads TRL's "
-        f"preference format (prompt, chosen, rejected), raw HH-RLHF (chosen, rejected dialogues) and, for the sft "
-        f"loss, TRL's SFT formats (messages; prompt, completion); rename your fields or set `format:`."
+        f"preference format (prompt, chosen, rejected), raw HH-RLHF (chosen, rejected dialogues), for the sft "
+        f"loss TRL's SFT formats (messages; prompt, completion) and for kto TRL's unpaired format (prompt, "
+        f"completion, label); rename your fields or set `format:`."
     )
 
 
@@ -219,19 +223,33 @@ def _parse_sft(record: dict, source: str, row: int) -> Union[PreferenceRow, Inva
     if text is None:
         return InvalidRow(source, row, "completion", "must be a string or a single assistant message")
     extras = {k: v for k, v in record.items() if k not in ("prompt", "completion", "messages")}
-    return PreferenceRow(prompt, text, "", source, row, {**extras, DEMONSTRATION: True})
+    return PreferenceRow(prompt, text, "", source, row, {**extras, ROW_KIND: "demonstration"})
 
 
-def is_demonstration(row: PreferenceRow) -> bool:
-    return bool(row.extras.get(DEMONSTRATION))
+def _parse_kto(record: dict, source: str, row: int) -> Union[PreferenceRow, InvalidRow]:
+    """TRL's unpaired (KTO) format: `prompt`, `completion` (strings or messages) and a boolean `label`
+    (desirable or not), as a row with no rejected response and the label in `extras`."""
+    parsed = _parse_sft({k: v for k, v in record.items() if k != "label"}, source, row)
+    if isinstance(parsed, InvalidRow):
+        return parsed
+    label = record["label"]
+    if not isinstance(label, bool) and label not in (0, 1):
+        return InvalidRow(source, row, "label", f"must be true (desirable) or false (undesirable), got {label!r}")
+    parsed.extras.update({ROW_KIND: "unpaired", KTO_DESIRABLE: float(label)})
+    return parsed
+
+
+def row_kind(row) -> str:
+    """"pair", "demonstration" (SFT data: no rejected response) or "unpaired" (KTO data: one labelled completion)."""
+    return row.extras.get(ROW_KIND, "pair")
 
 
 def validate_row(row: PreferenceRow) -> Optional[InvalidRow]:
     if not row.prompt or (isinstance(row.prompt, str) and not row.prompt.strip()):
         return InvalidRow(row.source, row.row, "prompt", "empty prompt")
     if not row.chosen.strip():
-        return InvalidRow(row.source, row.row, "completion" if is_demonstration(row) else "chosen", "empty response")
-    if is_demonstration(row):
+        return InvalidRow(row.source, row.row, "chosen" if row_kind(row) == "pair" else "completion", "empty response")
+    if row_kind(row) != "pair":
         return None
     if not row.rejected.strip():
         return InvalidRow(row.source, row.row, "rejected", "empty response")
@@ -308,7 +326,7 @@ def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
     """Read and validate every row of `path`. Returns (valid rows, invalid rows)."""
     def choose(record, source, number):
         kind = detect_format(record, source, number) if fmt == "auto" else fmt
-        base = {"hh": _parse_hh, "sft": _parse_sft}.get(kind, _parse_trl)
+        base = {"hh": _parse_hh, "sft": _parse_sft, "kto": _parse_kto}.get(kind, _parse_trl)
 
         def parse(rec, src, row):
             parsed = base(rec, src, row)

@@ -77,7 +77,8 @@ class LossPlugin(WithParams):
     level: str = "sequence"
     data_kind: ClassVar[str] = "pairs"
     needs_sampling_entropy: ClassVar[bool] = False  # groups: per-token entropy of the sampling policy (GTPO)
-    reads_demonstrations: ClassVar[bool] = False  # pairs: also SFT data (the chosen side alone, no rejected)
+    # pairs: the row kinds it trains on ("demonstration": SFT data; "unpaired": KTO data; posttrain.data.readers)
+    row_kinds: ClassVar[tuple[str, ...]] = ("pair",)
 
     def prepare_pairs(self, pairs: list, tokenizer) -> list:
         """Called once on the tokenised training and held-out pairs, before training. A loss that needs

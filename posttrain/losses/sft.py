@@ -22,7 +22,7 @@ from posttrain.losses.base import LossOutput, LossPlugin, PairLossInputs, regist
 class SFTLoss(LossPlugin):
     needs_reference = False
     level = "token"
-    reads_demonstrations = True  # TRL's SFT formats (messages; prompt, completion), as well as pairs
+    row_kinds = ("pair", "demonstration")  # TRL's SFT formats (messages; prompt, completion) as well as pairs
 
     @dataclass
     class Params:

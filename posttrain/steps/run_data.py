@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from posttrain.data.readers import InvalidRow, handle_invalid, is_demonstration, write_skipped_rows
+from posttrain.data.readers import InvalidRow, handle_invalid, row_kind, write_skipped_rows
 from posttrain.data.sources import load_pairs
 from posttrain.errors import DataError, RecipeError
 from posttrain.rewards import get_reward
@@ -44,21 +44,31 @@ def load_run_data(recipe, loss, tokenizer, search_dirs: list[Path], skipped: Opt
         return _prompts(recipe, tokenizer, search_dirs, skipped)
     r = recipe
     train, _, _ = load_pairs(r.data.train, r.data, tokenizer, r.run.seed, "data.train", skipped)
-    demonstration = next((p for p in train if is_demonstration(p)), None)
-    if demonstration is not None and not loss.reads_demonstrations:
-        raise DataError(f"{demonstration.source}, row {demonstration.row}: SFT data (messages, or prompt and "
-                        f"completion) has no rejected response, and loss {r.loss[0].name!r} trains on preference "
-                        f"pairs (prompt, chosen, rejected). Train on it with `loss: sft`, or give pairs.")
+    wrong = next((row_kind(p) for p in train if row_kind(p) not in loss.row_kinds), "pair")
+    _check_row_kinds(train, loss.row_kinds, f"loss {r.loss[0].name!r} trains on",
+                     f"Train on it with {KIND_LOSSES[wrong]}, or give loss {r.loss[0].name!r} the data it takes.")
     heldout = []
     if r.data.heldout is not None:
         heldout, _, _ = load_pairs(r.data.heldout, r.data, tokenizer, r.run.seed, "data.heldout", skipped)
-        demonstration = next((p for p in heldout if is_demonstration(p)), None)
-        if demonstration is not None:
-            raise DataError(f"{demonstration.source}, row {demonstration.row}: data.heldout holds SFT data, but the "
-                            f"held-out evaluation ranks preference pairs (prompt, chosen, rejected). Give pairs "
-                            f"there, or set `data.heldout: null`.")
+        _check_row_kinds(heldout, ("pair",), "the held-out evaluation (ranking accuracy) scores",
+                         "Give preference pairs there, or set `data.heldout: null`.")
         heldout = loss.prepare_pairs(heldout[:r.eval.max_pairs], tokenizer)
     return RunData(train_pairs=loss.prepare_pairs(train, tokenizer), heldout_pairs=heldout)
+
+
+KIND_NAMES = {"pair": "preference pairs (prompt, chosen, rejected)",
+              "demonstration": "SFT data (messages, or prompt and completion; no rejected response)",
+              "unpaired": "unpaired KTO data (prompt, completion, label)"}
+KIND_LOSSES = {"pair": "a pair loss (dpo, simpo, ...)", "demonstration": "`loss: sft`", "unpaired": "`loss: kto`"}
+
+
+def _check_row_kinds(pairs: list, accepted: tuple[str, ...], user: str, fix: str) -> None:
+    """A DataError naming the first row of a kind that `user` ("loss 'dpo' trains on") does not take, the
+    kinds it takes, and `fix`."""
+    wrong = next((p for p in pairs if row_kind(p) not in accepted), None)
+    if wrong is not None:
+        raise DataError(f"{wrong.source}, row {wrong.row}: {KIND_NAMES[row_kind(wrong)]}, but {user} "
+                        f"{' or '.join(KIND_NAMES[k] for k in accepted)}. {fix}")
 
 
 def _prompts(recipe, tokenizer, search_dirs: list[Path], skipped: Optional[Path]) -> RunData:
