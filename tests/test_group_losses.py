@@ -334,6 +334,10 @@ def _core_case(name: str):
             params["importance_sampling_level"] = "sequence"
         plugin = loss(loss_name, **params)
         adv = plugin.compute_advantages(RolloutBatch(rewards, index))
+    elif name == "online_dpo":
+        plugin = loss("online_dpo", pairing="all_pairs", pair_params={"beta": 0.5})
+        adv = plugin.compute_advantages(RolloutBatch(rewards, index))
+        extra.update(group_index=index, rewards=rewards)
     elif name == "gmpo":
         plugin = loss("gmpo", beta=0.04, epsilon=0.2, epsilon_high=0.3)
         adv = plugin.compute_advantages(RolloutBatch(rewards, index))
@@ -361,7 +365,7 @@ def _core_case(name: str):
 
 
 CORE_CASES = ["grpo:grpo", "grpo:dapo", "grpo:dr_grpo", "grpo:grpo:sequence", "grpo:cispo", "grpo:sapo",
-              "gspo:grpo", "gmpo", "gtpo", "copo"]
+              "gspo:grpo", "gmpo", "gtpo", "copo", "online_dpo"]
 
 
 def test_core_cases_cover_every_registered_group_loss():
