@@ -334,6 +334,10 @@ def _core_case(name: str):
             params["importance_sampling_level"] = "sequence"
         plugin = loss(loss_name, **params)
         adv = plugin.compute_advantages(RolloutBatch(rewards, index))
+    elif name == "hpt":
+        plugin = loss("hpt", max_completion_length=7, sft_coef=0.5)
+        adv = plugin.compute_advantages(RolloutBatch(rewards, index, mask=mask, extras={"demonstration": index == 0}))
+        assert (adv[:, 1] == 1).any() and (adv[:, 1] == 0).any()  # both terms present
     elif name == "online_dpo":
         plugin = loss("online_dpo", pairing="all_pairs", pair_params={"beta": 0.5})
         adv = plugin.compute_advantages(RolloutBatch(rewards, index))
@@ -365,7 +369,7 @@ def _core_case(name: str):
 
 
 CORE_CASES = ["grpo:grpo", "grpo:dapo", "grpo:dr_grpo", "grpo:grpo:sequence", "grpo:cispo", "grpo:sapo",
-              "gspo:grpo", "gmpo", "gtpo", "copo", "online_dpo"]
+              "gspo:grpo", "gmpo", "gtpo", "copo", "online_dpo", "hpt"]
 
 
 def test_core_cases_cover_every_registered_group_loss():

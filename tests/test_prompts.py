@@ -130,7 +130,8 @@ def test_prompt_answer_aliases_and_json_gold(tmp_path, alias):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", alias: "42", "schema": {"type": "object"}},
                                               {"prompt": "q", alias: {"drug": "insulin"}}])
     examples, _ = load_prompt_examples(str(path))
-    assert examples[0].answer == "42" and examples[0].extras == {"schema": {"type": "object"}}
+    kept = {"schema": {"type": "object"}, **({"solution": "42"} if alias == "solution" else {})}
+    assert examples[0].answer == "42" and examples[0].extras == kept  # a solution also stays one (HPT's gold)
     assert json.loads(examples[1].answer) == {"drug": "insulin"}
 
 

@@ -10,9 +10,11 @@ Formats (detected from the first row's fields, or fixed by `format:`):
   `reward_model.ground_truth` (a nested column). Detected by `reward_model`.
 - "prompt_answer": `prompt` (text or chat messages) and an optional answer, read from the first of `answer`,
   `ground_truth`, `solution` that the row has (an answer given as a JSON object or list is kept as its JSON
-  text, for the `json` reward). Every other field goes to extras (e.g. `schema`, `gold`). Detected by `prompt`.
+  text, for the `json` reward). Every other field goes to extras (e.g. `schema`, `gold`), and `solution` always
+  does (a gold demonstration, for HPT). Detected by `prompt`.
 - "builtin:<task>" as the path (not a format): the built-in generated tasks of posttrain.data.tasks
-  (`arithmetic`, `tiny`) as prompts, the chosen answer as the ground truth; `split` is train or heldout.
+  (`arithmetic`, `tiny`) as prompts, the chosen answer as the ground truth and as extras["solution"]; `split` is
+  train or heldout.
 
 A number given as the answer (JSON `12`) is read as its text ("12"). Every row is validated: a non-empty
 prompt, and an answer where the format demands one (gsm8k, math, rl). A bad row is reported with the file,
@@ -141,7 +143,7 @@ def _parse_prompt_answer(record: dict, source: str, row: int) -> Parsed:
         answer = _answer_text(value, source, row, key, required=False)
         if isinstance(answer, InvalidRow):
             return answer
-    extras = {k: v for k, v in record.items() if k not in ("prompt", key)}
+    extras = {k: v for k, v in record.items() if k not in ("prompt", key) or k == "solution"}
     return PromptExample(record["prompt"], answer, source, row, extras)
 
 
@@ -170,7 +172,8 @@ def detect_prompt_format(record: Any, source: str, row: int = 1) -> str:
 def _builtin_examples(name: str, split: str) -> list[PromptExample]:
     from posttrain.data.tasks import builtin_rows
 
-    return [PromptExample(r.prompt, r.chosen, r.source, r.row, dict(r.extras)) for r in builtin_rows(name, split)]
+    return [PromptExample(r.prompt, r.chosen, r.source, r.row, {**r.extras, "solution": r.chosen})
+            for r in builtin_rows(name, split)]
 
 
 def _read_examples(path: str, fmt: str, split: str) -> tuple[list[PromptExample], list[InvalidRow]]:

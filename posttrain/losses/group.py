@@ -145,6 +145,14 @@ class GroupLoss(LossPlugin):
     def compute_advantages(self, batch: "RolloutBatch") -> torch.Tensor:
         raise NotImplementedError  # abstractmethod: every group loss defines it
 
+    def prepare_examples(self, examples: list, tokenizer, template: str) -> None:
+        """Called once with the training prompts, before any model loads (HPT tokenises their gold solutions)."""
+
+    def prepare_rollouts(self, records: list) -> tuple[list, dict]:
+        """The step's scored rollouts as trained, and metrics to log (HPT replaces some groups by their gold
+        demonstration). Default: unchanged."""
+        return records, {}
+
 
 SCALE_REWARDS_ESTIMATOR = {"group": "group_mean_std", "batch": "batch_std", "none": "group_mean"}
 

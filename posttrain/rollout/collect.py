@@ -30,6 +30,7 @@ class RolloutRecord:
     components: dict[str, float] = field(default_factory=dict)
     answer: Optional[str] = None
     success: bool = False
+    demonstration: bool = False  # a gold demonstration that replaced its group's rollouts (HPT)
 
 
 @dataclass

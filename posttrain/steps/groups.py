@@ -47,7 +47,8 @@ class GroupStep:
         ctx, ro = self.ctx, self.rollout
         record: dict = {}
         t0 = time.time()
-        records = self.collect(step, record)
+        records, prepared = self.loss.prepare_rollouts(self.collect(step, record))
+        record.update(prepared)
         record["time/rollout"] = time.time() - t0
         if not records:
             ctx.log.warning("step %d: every group had zero reward variance after %d resampling rounds; no update",
@@ -71,7 +72,9 @@ class GroupStep:
         record["time/old_logprobs"] = time.time() - t1
         batch = RolloutBatch(rewards=torch.tensor([rec.reward for rec in records], dtype=torch.float64, device="cpu"),
                              group_index=group_of, mask=mask, token_ids=token_ids, entropy=entropy,
-                             answers=[rec.answer for rec in records])
+                             answers=[rec.answer for rec in records],
+                             extras={"demonstration": torch.tensor([rec.demonstration for rec in records],
+                                                                   device="cpu")})
         try:
             advantages = self.loss.compute_advantages(batch)
         except ValueError as exc:  # a plug-in's word on a batch the recipe shaped (e.g. COPO with one prompt)

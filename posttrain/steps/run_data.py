@@ -41,7 +41,7 @@ class RunData:
 def load_run_data(recipe, loss, tokenizer, search_dirs: list[Path], skipped: Optional[Path] = None) -> RunData:
     """The recipe's data for `loss` (its `data_kind` says pairs or prompts), tokenised by `tokenizer`."""
     if loss.data_kind == "groups":
-        return _prompts(recipe, tokenizer, search_dirs, skipped)
+        return _prompts(recipe, loss, tokenizer, search_dirs, skipped)
     r = recipe
     train, _, _ = load_pairs(r.data.train, r.data, tokenizer, r.run.seed, "data.train", skipped)
     wrong = next((row_kind(p) for p in train if row_kind(p) not in loss.row_kinds), "pair")
@@ -71,7 +71,7 @@ def _check_row_kinds(pairs: list, accepted: tuple[str, ...], user: str, fix: str
                         f"{' or '.join(KIND_NAMES[k] for k in accepted)}. {fix}")
 
 
-def _prompts(recipe, tokenizer, search_dirs: list[Path], skipped: Optional[Path]) -> RunData:
+def _prompts(recipe, loss, tokenizer, search_dirs: list[Path], skipped: Optional[Path]) -> RunData:
     r = recipe
     if not r.rewards:
         raise RecipeError(f"loss {r.loss[0].name!r} trains on sampled groups and needs at least one reward: add "
@@ -87,6 +87,7 @@ def _prompts(recipe, tokenizer, search_dirs: list[Path], skipped: Optional[Path]
     if r.train.batch_size > len(train):
         raise RecipeError(f"train.batch_size={r.train.batch_size} prompts per step, but data.train has only "
                           f"{len(train)} prompts.")
+    loss.prepare_examples(train, tokenizer, r.data.template)
     tokenize = lambda examples: online_setup.tokenize_prompts(examples, tokenizer, r.data.template,  # noqa: E731
                                                               r.data.max_prompt_length)
     return RunData(train_examples=train, heldout_examples=heldout, train_prompt_ids=tokenize(train),
