@@ -149,7 +149,8 @@ def _losses(_args) -> int:
     print("level and reference are those of the default params; the note says which params change them")
     for name, cls in sorted(LOSSES.items()):
         loss = cls()  # the defaults: level and reference can depend on the params (GRPO's loss_type, beta)
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
+        fields = ", ".join(f"{f.name}={f.default_factory() if f.default is dataclasses.MISSING else f.default!r}"
+                           for f in dataclasses.fields(cls.Params))
         data = loss.data_kind if loss.data_kind == "groups" else "/".join(loss.row_kinds)
         print(f"{name:12s} data={data:17s} level={loss.level:16s} "
               f"reference={'yes' if loss.needs_reference else 'no':3s}  {fields}{LEVEL_NOTES.get(name, '')}")

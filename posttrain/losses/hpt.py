@@ -9,6 +9,7 @@ Per prompt, the G rollouts are scored and k of them are correct (the run's succe
     L     = L_PG + sft_coef * L_SFT                                                   (one optimiser step)
     L_SFT = sum over the step's demonstration tokens of -lp / (demonstration tokens in the step)
     L_PG  = sum over the step's RL completions i and tokens t of -A_i rho_i,t / (RL completions * max_completion_length)
+            (max_completion_length: the generation limit; null: the step's longest completion)
     A_i   = r_i - mean of its group's rewards            (grpo_use_std = False)
     rho   = exp(lp - lp_old), no clipping                 (loss_remove_clip = True)
 
@@ -49,16 +50,18 @@ class HPTLoss(GroupLoss):
     class Params:
         switch_gate: int = 0  # gamma: SFT when at most this many of the G rollouts are correct (authors: 0; 2 for LLaMA)
         sft_coef: float = 1.0  # weight of L_SFT (authors: 1.0; 0.3 for Qwen2.5-Math-1.5B)
-        max_completion_length: Optional[int] = None  # L_PG's constant denominator: the generation limit
+        # L_PG's constant denominator: set it to the generation limit (rollout.max_new_tokens), as the authors'
+        # max_response_length; None takes the step's longest completion
+        max_completion_length: Optional[int] = None
 
         def validate(self):
             if self.switch_gate < 0:
                 raise ValueError(f"switch_gate must be >= 0, got {self.switch_gate}")
             if self.sft_coef < 0:
                 raise ValueError(f"sft_coef must be >= 0, got {self.sft_coef}")
-            if self.max_completion_length is None or self.max_completion_length < 1:
-                raise ValueError("HPT's policy-gradient term divides by max_completion_length: set it (the generation "
-                                 "limit, rollout.max_new_tokens)")
+            if self.max_completion_length is not None and self.max_completion_length < 1:
+                raise ValueError(f"max_completion_length must be a positive integer or null, got "
+                                 f"{self.max_completion_length}")
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -106,7 +109,8 @@ class HPTLoss(GroupLoss):
         demo_tokens = float(batch.mask[demo].sum()) if demo.any() else 0.0
         adv = torch.where(demo, torch.zeros_like(batch.rewards),
                           group_normalised_advantages(batch.rewards, batch.group_index, "none"))
-        rl_scale = n / (n_rl * p.max_completion_length) if n_rl else 0.0
+        max_length = p.max_completion_length or batch.mask.shape[1]
+        rl_scale = n / (n_rl * max_length) if n_rl else 0.0
         sft_scale = p.sft_coef * n / demo_tokens if demo_tokens else 0.0
         scale = torch.where(demo, torch.full_like(adv, sft_scale), torch.full_like(adv, rl_scale))
         return torch.stack([adv, demo.to(adv.dtype), scale], dim=1)
