@@ -1,6 +1,6 @@
 """Command line: `posttrain train RECIPE.yaml [--set key=value ...] [--resume] [--force]`,
 `posttrain eval ...`, `posttrain validate RECIPE.yaml`, `posttrain inspect RECIPE.yaml [--rows N]`,
-`posttrain losses`.
+`posttrain plot RUN`, `posttrain losses`.
 
 Also runs as `accelerate launch -m posttrain train RECIPE.yaml`. A user mistake (bad recipe, data,
 path) prints one paragraph and exits with status 2; anything else is a bug and keeps its traceback.
@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     inspect.add_argument("--rows", type=int, default=3, help="how many training rows to show (default 3)")
     inspect.add_argument("--split", choices=["train", "heldout"], default="train")
+
+    plot = sub.add_parser("plot", help="PNG plots of a run's loss, rewards, accuracy and held-out metrics against step")
+    plot.add_argument("run", help="the run directory (run.output_dir)")
+    plot.add_argument("--output", default=None, help="where to write the PNGs (default RUN/plots)")
 
     ev = sub.add_parser("eval", help="ranking accuracy (R, R~, R*, alignment gap, difficulty) on preference pairs",
                         description="Ranking accuracy of a model, adapter or checkpoint on preference pairs, with the "
@@ -117,6 +121,16 @@ def _validate(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from pathlib import Path
+
+    from posttrain.eval.run_plots import plot_run
+
+    for path in plot_run(Path(args.run), Path(args.output) if args.output else Path(args.run) / "plots"):
+        print(path)
+    return 0
+
+
 def _inspect(args) -> int:
     from posttrain.data.inspect import describe_pair, describe_prompt
 
@@ -165,7 +179,8 @@ LEVEL_NOTES = {"grpo": "  [level token for loss_type dapo/bnpo, sequence for grp
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "validate": _validate, "inspect": _inspect, "eval": _eval, "losses": _losses}
+    handlers = {"train": _train, "validate": _validate, "inspect": _inspect, "plot": _plot, "eval": _eval,
+                "losses": _losses}
     try:
         return handlers[args.command](args)
     except PosttrainError as exc:

@@ -305,6 +305,7 @@ class Trainer:
         acc, r = self.accelerator, self.recipe
         self.tokens_seen = 0.0
         start, history = self._try_resume() if self.resume else (0, {})
+        tokens_before = self.tokens_seen
         headline = "pass@1" if self.online else "ranking_accuracy"
         heldout_size = f"{len(self.heldout_examples)} prompts" if self.online else f"{len(self.heldout_pairs)} pairs"
         self.current_step = start
@@ -363,6 +364,9 @@ class Trainer:
                             f"({delta:+.1f} points, {heldout_size})")
                 self._say(line)
             self._say(f"final {'adapter' if r.lora.enabled else 'model'}: {(self.output_dir / 'final').resolve()}")
+            tqdm.write(run_summary_table(self.plan.total_steps - start, train_time, self.tokens_seen - tokens_before,
+                                         headline,
+                                         before, after))
         self.metrics.close()
         if self.online:
             self.rewards.close()
@@ -372,6 +376,17 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(f"[posttrain] {text}")
+
+
+def run_summary_table(steps: int, seconds: float, tokens: float, headline: str, before: Optional[dict],
+                      after: Optional[dict]) -> str:
+    """The table printed at the end of a run: steps, time, throughput and the held-out headline metric."""
+    minutes, rest = divmod(int(round(seconds)), 60)
+    value = lambda record: f"{record[headline]:.4f}" if record else "-"  # noqa: E731
+    rows = [("steps", "time", "tokens/s", f"held-out {headline.replace('_', ' ')} before", "after"),
+            (str(steps), f"{minutes}m{rest:02d}s", f"{tokens / max(seconds, 1e-9):.0f}", value(before), value(after))]
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _recipe_differences(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:

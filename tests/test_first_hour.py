@@ -302,3 +302,26 @@ def test_the_tiny_model_alias_trains_with_the_real_tokenizer(tmp_path):
     raw["model"]["name_or_path"] = "tiny-random-llama"
     summary = Trainer(recipe_from(raw)).train()
     assert summary["steps"] == 2 and (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------- plots of a run
+def test_plot_writes_labelled_pngs_of_a_run_and_the_run_ends_with_a_summary_table(tiny_model_dir, tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", train={"max_steps": 4, "batch_size": 8, "micro_batch_size": 8},
+                      eval={"every": 2, "batch_size": 64}, logging={"tensorboard": False, "progress_bar": False})
+    Trainer(recipe_from(raw)).train()
+    out = capsys.readouterr().out
+    table = out[out.index("steps  time"):].splitlines()[:2]
+    assert table[0].split()[:3] == ["steps", "time", "tokens/s"] and "ranking accuracy before" in table[0]
+    assert table[1].split()[0] == "4" and float(table[1].split()[2]) > 0
+    assert cli.main(["plot", str(tmp_path / "run")]) == 0
+    names = sorted(p.name for p in (tmp_path / "run" / "plots").iterdir())
+    assert names == ["accuracy.png", "heldout.png", "loss.png", "rewards.png"]
+    for name in names:
+        image = mpimg.imread(tmp_path / "run" / "plots" / name)
+        assert image.shape[0] > 200 and image.shape[1] > 400
+    from posttrain.eval.run_plots import plot_run
+
+    with pytest.raises(Exception, match="holds no metrics.jsonl"):
+        plot_run(tmp_path / "nosuch", tmp_path / "x")
