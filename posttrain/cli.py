@@ -1,6 +1,6 @@
 """Command line: `posttrain train RECIPE.yaml [--set key=value ...] [--resume] [--force]`,
 `posttrain eval ...`, `posttrain validate RECIPE.yaml`, `posttrain inspect RECIPE.yaml [--rows N]`,
-`posttrain plot RUN`, `posttrain losses`.
+`posttrain plot RUN`, `posttrain check RECIPE`, `posttrain losses`.
 
 Also runs as `accelerate launch -m posttrain train RECIPE.yaml`. A user mistake (bad recipe, data,
 path) prints one paragraph and exits with status 2; anything else is a bug and keeps its traceback.
@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     inspect.add_argument("--rows", type=int, default=3, help="how many training rows to show (default 3)")
     inspect.add_argument("--split", choices=["train", "heldout"], default="train")
+
+    check = sub.add_parser("check", help="run the recipe's first step split four ways (tiny float64 model) and "
+                                         "check that loss and gradient do not change")
+    check.add_argument("recipe")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    check.add_argument("--no-processes", action="store_true", help="skip the two-process run")
 
     plot = sub.add_parser("plot", help="PNG plots of a run's loss, rewards, accuracy and held-out metrics against step")
     plot.add_argument("run", help="the run directory (run.output_dir)")
@@ -121,6 +127,14 @@ def _validate(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    from posttrain.check import format_table, run_check
+
+    rows, ok = run_check(args.recipe, args.overrides, processes=not args.no_processes)
+    print(format_table(rows, ok))
+    return 0 if ok else 1
+
+
 def _plot(args) -> int:
     from pathlib import Path
 
@@ -179,7 +193,7 @@ LEVEL_NOTES = {"grpo": "  [level token for loss_type dapo/bnpo, sequence for grp
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "validate": _validate, "inspect": _inspect, "plot": _plot, "eval": _eval,
+    handlers = {"train": _train, "validate": _validate, "inspect": _inspect, "check": _check, "plot": _plot, "eval": _eval,
                 "losses": _losses}
     try:
         return handlers[args.command](args)

@@ -325,3 +325,48 @@ def test_plot_writes_labelled_pngs_of_a_run_and_the_run_ends_with_a_summary_tabl
 
     with pytest.raises(Exception, match="holds no metrics.jsonl"):
         plot_run(tmp_path / "nosuch", tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------- posttrain check
+MICRO_BATCH_MEAN_LOSS = '''
+import torch.nn.functional as F
+
+from posttrain.losses.base import LossOutput, LossPlugin, reference_sums, sequence_sums
+
+
+class MicroBatchMeanDPO(LossPlugin):
+    """DPO averaged over its own micro-batch: the bug the check is for (TRL-style per-micro-batch mean)."""
+    level = "sequence"
+
+    def __call__(self, inputs):
+        s_w = sequence_sums(inputs.chosen_logps, inputs.chosen_mask)
+        s_l = sequence_sums(inputs.rejected_logps, inputs.rejected_mask)
+        r_w, r_l = reference_sums(inputs)
+        per_pair = -F.logsigmoid(0.1 * ((s_w - r_w) - (s_l - r_l)))
+        return LossOutput(per_pair / inputs.pair_weight.sum())
+'''
+
+
+@pytest.mark.parametrize("loss, passes", [({"name": "dpo", "params": {"beta": 0.5}}, True),
+                                          ({"name": "bad_loss:MicroBatchMeanDPO"}, False)])
+def test_posttrain_check_passes_a_builtin_loss_and_fails_a_micro_batch_mean(tiny_model_dir, tmp_path, capsys, loss,
+                                                                         passes):
+    (tmp_path / "bad_loss.py").write_text(MICRO_BATCH_MEAN_LOSS)
+    data = write_varied_pairs(tmp_path / "varied.jsonl", n=8)
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", loss=loss, data={"train": {"path": str(data)}, "heldout": None},
+                      train={"batch_size": 4, "micro_batch_size": 4})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = cli.main(["check", str(path)])
+    out = capsys.readouterr().out
+    assert code == (0 if passes else 1), out
+    lines = out.splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("way ")):]
+    assert [line.split("  ")[0].strip() for line in lines[1:5]] == [
+        "1 micro-batch of 4", "4 micro-batches of 1", "uneven: 3 + 1", "2 processes (gloo DDP)"]
+    if passes:
+        assert "verdict: pass" in out
+        assert all(float(line.split()[-1]) <= 1e-6 for line in lines[1:5])  # gradient differences
+    else:
+        assert "verdict: FAIL" in out and "normalises by a micro-batch" in out and "<- differs" in out
+    assert not (tmp_path / "run").exists()  # the check trains in a temporary directory
