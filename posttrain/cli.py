@@ -1,6 +1,7 @@
 """Command line: `posttrain train RECIPE.yaml [--set key=value ...] [--resume] [--force]`,
 `posttrain eval ...`, `posttrain validate RECIPE.yaml`, `posttrain inspect RECIPE.yaml [--rows N]`,
-`posttrain plot RUN`, `posttrain check RECIPE`, `posttrain losses`.
+`posttrain plot RUN`, `posttrain check RECIPE`, `posttrain export RUN`, `posttrain chat RUN`,
+`posttrain losses`.
 
 Also runs as `accelerate launch -m posttrain train RECIPE.yaml`. A user mistake (bad recipe, data,
 path) prints one paragraph and exits with status 2; anything else is a bug and keeps its traceback.
@@ -43,6 +44,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("recipe")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--no-processes", action="store_true", help="skip the two-process run")
+
+    exp = sub.add_parser("export", help="the adapter as is, or merged into the base model (safetensors, tokenizer, "
+                                        "chat template) for transformers or vllm")
+    exp.add_argument("source", help="a run directory, its final/ or checkpoint adapter, or an adapter directory")
+    exp.add_argument("--output", required=True)
+    exp.add_argument("--merge", action="store_true", help="fold the adapter into the base weights")
+    exp.add_argument("--dtype", default="float32", help="float32 (default), bfloat16/bf16 or float16/fp16")
+    exp.add_argument("--model", default=None, help="the base model (default: the run's model.name_or_path)")
+
+    talk = sub.add_parser("chat", help="talk to a trained model: its answers stream as they are generated")
+    talk.add_argument("source", help="a run directory, an adapter or a model directory")
+    talk.add_argument("--prompt", default=None, help="answer this one prompt and exit")
+    talk.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    talk.add_argument("--max-new-tokens", type=int, default=256)
+    talk.add_argument("--system", default=None, help="a system message")
+    talk.add_argument("--model", default=None, help="the base model of an adapter (default: the run's)")
 
     plot = sub.add_parser("plot", help="PNG plots of a run's loss, rewards, accuracy and held-out metrics against step")
     plot.add_argument("run", help="the run directory (run.output_dir)")
@@ -135,6 +152,19 @@ def _check(args) -> int:
     return 0 if ok else 1
 
 
+def _export(args) -> int:
+    from posttrain.export import export
+
+    print(f"exported to {export(args.source, args.output, args.merge, args.dtype, args.model)}")
+    return 0
+
+
+def _chat(args) -> int:
+    from posttrain.chat import chat
+
+    return chat(args.source, args.prompt, args.temperature, args.max_new_tokens, args.model, args.system)
+
+
 def _plot(args) -> int:
     from pathlib import Path
 
@@ -193,8 +223,8 @@ LEVEL_NOTES = {"grpo": "  [level token for loss_type dapo/bnpo, sequence for grp
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "validate": _validate, "inspect": _inspect, "check": _check, "plot": _plot, "eval": _eval,
-                "losses": _losses}
+    handlers = {"train": _train, "validate": _validate, "inspect": _inspect, "check": _check, "export": _export,
+                "chat": _chat, "plot": _plot, "eval": _eval, "losses": _losses}
     try:
         return handlers[args.command](args)
     except PosttrainError as exc:

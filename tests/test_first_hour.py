@@ -370,3 +370,97 @@ def test_posttrain_check_passes_a_builtin_loss_and_fails_a_micro_batch_mean(tiny
     else:
         assert "verdict: FAIL" in out and "normalises by a micro-batch" in out and "<- differs" in out
     assert not (tmp_path / "run").exists()  # the check trains in a temporary directory
+
+
+# ------------------------------------------------------------------------------------------------- export
+def test_export_merges_into_a_plain_transformers_model_equal_to_the_adapter(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import peft
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", data={"heldout": None},
+                      train={"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "lr": 5e-2},
+                      logging={"tensorboard": False, "progress_bar": False})
+    Trainer(recipe_from(raw)).train()
+    merged, adapter, half = tmp_path / "merged", tmp_path / "adapter", tmp_path / "merged-bf16"
+    assert cli.main(["export", str(tmp_path / "run"), "--output", str(merged), "--merge"]) == 0
+    assert cli.main(["export", str(tmp_path / "run"), "--output", str(adapter)]) == 0
+    assert cli.main(["export", str(tmp_path / "run" / "final"), "--output", str(half), "--merge", "--dtype", "bf16"]) == 0
+    # plain transformers, in a process that never imports posttrain, with the chat template
+    code = ("import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "t = transformers.AutoTokenizer.from_pretrained(sys.argv[1]); "
+            "assert 'posttrain' not in sys.modules and t.chat_template and type(m).__name__ == 'LlamaForCausalLM'; "
+            "print(t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False))")
+    result = subprocess.run([sys.executable, "-c", code, str(merged)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "<|im_start|>user\nhi<|im_end|>" in result.stdout
+    assert "auto_map" not in json.loads((merged / "config.json").read_text())
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(merged))(input_ids=ids).logits
+        with_adapter = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+                                                      str(adapter))(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))(input_ids=ids).logits
+    torch.testing.assert_close(plain, with_adapter, rtol=1e-5, atol=1e-5)
+    assert (plain - base).abs().max() > 1e-3  # the adapter was trained and is in the merged weights
+    with safe_open(str(next(half.glob("*.safetensors"))), "pt") as handle:
+        assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.bfloat16
+    with pytest.raises(Exception, match="exists and is not empty"):
+        cli_export = __import__("posttrain.export", fromlist=["export"]).export
+        cli_export(str(tmp_path / "run"), str(merged))
+
+
+# --------------------------------------------------------------------------------------------------- chat
+def test_chat_streams_greedy_answers_through_a_pseudo_terminal(smollm2_dir):
+    """Two turns typed into a real pseudo-terminal, SmolLM2 answering: each streamed reply equals transformers'
+    greedy generation on the chat template's rendering of the conversation so far; Ctrl-D ends with status 0."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir))
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+
+    def greedy(messages):
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    first = greedy([{"role": "user", "content": "What is 2 + 3?"}])
+    second = greedy([{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "And 4 + 4?"}])
+    assert first.strip() and second.strip()
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "chat", str(smollm2_dir), "--temperature", "0",
+                             "--max-new-tokens", "8"], stdin=slave, stdout=slave, stderr=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    seen = ""
+
+    def read_until(count: int, timeout: float = 240.0) -> None:
+        """Read the terminal until it has shown the `you> ` prompt `count` times."""
+        nonlocal seen
+        deadline = time.time() + timeout
+        while seen.count("you> ") < count and time.time() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                seen += os.read(master, 4096).decode(errors="replace")
+        assert seen.count("you> ") >= count, seen[-500:]
+
+    read_until(1)
+    os.write(master, b"What is 2 + 3?\n")
+    read_until(2)
+    os.write(master, b"And 4 + 4?\n")
+    read_until(3)
+    os.write(master, b"\x04")  # Ctrl-D: end of input
+    assert proc.wait(timeout=60) == 0
+    os.close(master)
+    transcript = seen.replace("\r\n", "\n")  # the terminal writes newlines as CR LF
+    assert f"you> What is 2 + 3?\nassistant> {first}\nyou> And 4 + 4?\nassistant> {second}\nyou> " in transcript
