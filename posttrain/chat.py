@@ -13,21 +13,13 @@ import threading
 from typing import Optional, TextIO
 
 from posttrain.errors import PosttrainError
-from posttrain.eval.api import resolve_adapter
-from posttrain.export import base_model_of
-from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.export import load_merged
+from posttrain.models import load_tokenizer
 
 
 def load_chat_model(source: str, model: Optional[str] = None):
     """(model, tokenizer) of a run, adapter or model directory, ready to generate."""
-    kind, directory, run_dir, _ = resolve_adapter(source)
-    if kind == "peft":
-        import peft
-
-        base = base_model_of(directory, run_dir, model)
-        lm = peft.PeftModel.from_pretrained(load_causal_lm(base, "float32"), str(directory)).merge_and_unload()
-    else:
-        lm = load_causal_lm(str(directory), "float32")
+    lm, directory, _ = load_merged(source, model)
     tokenizer = load_tokenizer(str(directory))
     if not tokenizer.chat_template:
         raise PosttrainError(f"{directory}: the tokenizer has no chat template to render the conversation with.")

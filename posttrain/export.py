@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from posttrain.errors import ModelError, PosttrainError
-from posttrain.eval.api import resolve_adapter
+from posttrain.eval.api import resolve_adapter, run_recipe_value
 from posttrain.models import load_causal_lm, load_tokenizer
 
 DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
@@ -25,19 +25,25 @@ DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
 
 
 def base_model_of(adapter_dir: Path, run_dir: Optional[Path], given: Optional[str]) -> str:
-    if given:
-        return given
-    recipe = run_dir / "recipe.yaml" if run_dir is not None else None
-    if recipe is not None and recipe.is_file():
-        import yaml
-
-        name = ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("model") or {}).get("name_or_path")
-        if name:
-            return name
+    name = given or run_recipe_value(run_dir, "model", "name_or_path")
+    if name:
+        return name
     config = adapter_dir / "adapter_config.json"
     if config.is_file():
         return json.loads(config.read_text())["base_model_name_or_path"]
     raise ModelError(f"{adapter_dir}: cannot tell the base model; pass --model.")
+
+
+def load_merged(source: str, model: Optional[str] = None):
+    """(float32 model with any adapter folded in, the directory it came from, the base model's name)."""
+    kind, directory, run_dir, _ = resolve_adapter(source)
+    if kind != "peft":
+        return load_causal_lm(str(directory), "float32"), directory, str(directory)
+    import peft
+
+    base_name = base_model_of(directory, run_dir, model)
+    merged = peft.PeftModel.from_pretrained(load_causal_lm(base_name, "float32"), str(directory)).merge_and_unload()
+    return merged, directory, base_name
 
 
 def export(source: str, output: str, merge: bool = False, dtype: str = "float32", model: Optional[str] = None) -> Path:
@@ -46,26 +52,18 @@ def export(source: str, output: str, merge: bool = False, dtype: str = "float32"
 
     if dtype not in DTYPE_NAMES:
         raise PosttrainError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}.")
-    kind, directory, run_dir, _ = resolve_adapter(source)
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise PosttrainError(f"--output {output!r} exists and is not empty; choose a new directory.")
+    kind, directory, _, _ = resolve_adapter(source)
     if kind == "peft" and not merge:
         shutil.copytree(directory, out, dirs_exist_ok=True)
         return out
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[DTYPE_NAMES[dtype]]
-    if kind == "peft":
-        import peft
-
-        base_name = base_model_of(directory, run_dir, model)
-        merged = peft.PeftModel.from_pretrained(load_causal_lm(base_name, "float32"), str(directory)).merge_and_unload()
-    else:
-        merged = load_causal_lm(str(directory), "float32")
+    merged, directory, base_name = load_merged(source, model)
     merged = merged.to(torch_dtype)
     merged.config.use_cache = True
     merged.save_pretrained(out, safe_serialization=True)
-    tokenizer = load_tokenizer(str(directory) if (directory / "tokenizer_config.json").is_file()
-                               else base_model_of(directory, run_dir, model))
-    tokenizer.save_pretrained(out)
+    load_tokenizer(str(directory) if (directory / "tokenizer_config.json").is_file() else base_name).save_pretrained(out)
     return out
 

@@ -137,17 +137,23 @@ def training_history(run_dir: Optional[Path], up_to: Optional[int] = None) -> li
     return [by_step[s] for s in sorted(by_step)]
 
 
+def run_recipe_value(run_dir: Optional[Path], section: str, key: str):
+    """`section.key` of the recipe a run recorded (RUN/recipe.yaml), or None when there is none."""
+    recipe = Path(run_dir) / "recipe.yaml" if run_dir is not None else None
+    if recipe is None or not recipe.is_file():
+        return None
+    import yaml
+
+    return ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get(section) or {}).get(key)
+
+
 def eval_template(args, run_dir: Optional[Path]) -> tuple[str, str]:
     """(template, why): --format if given, else the run's own data.template (from its recipe.yaml), else plain."""
     if args.template is not None:
         return args.template, "--format"
-    recipe = Path(run_dir) / "recipe.yaml" if run_dir is not None else None
-    if recipe is not None and recipe.is_file():
-        import yaml
-
-        template = ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("data") or {}).get("template")
-        if template:
-            return template, f"the run's data.template ({recipe})"
+    template = run_recipe_value(run_dir, "data", "template")
+    if template:
+        return template, f"the run's data.template ({Path(run_dir) / 'recipe.yaml'})"
     return "plain", "the default: prompt + response as text, as Chen et al. scored"
 
 
