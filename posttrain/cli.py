@@ -108,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="directory for report.json, pairs.jsonl, summary.md and the plots")
     ev.add_argument("--threads", type=int, default=None, help="torch threads")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen = ev.add_argument_group("generation (--generate: prompt data, docs/evaluation.md)")
+    gen.add_argument("--generate", action="store_true",
+                     help="generate answers to prompt data and report greedy pass@1, pass@k and maj@k with a reward")
+    gen.add_argument("--samples", type=int, default=8, help="sampled completions per prompt for pass@k, maj@k (0: none)")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--max-prompts", type=int, default=None, help="the first N prompts (after --start)")
+    gen.add_argument("--reward", default="math", help="the reward that scores a completion (a registered name)")
+    gen.add_argument("--threshold", type=float, default=0.5,
+                     help="a completion succeeds when its reward is at least this (sampler.success_threshold)")
 
     sub.add_parser("losses", help="list the registered losses and their parameters")
     return parser

@@ -168,6 +168,7 @@ class LogConfig:
     every: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
+    completions: bool = False  # online runs: every rollout to <output_dir>/completions.jsonl (TRL's log_completions)
 
 
 @dataclass
@@ -245,6 +246,7 @@ TRL_NAMES = {
     "beta": "beta is a loss parameter: `loss: {name: dpo, params: {beta: 0.1}}` (or --set loss.params.beta=0.1).",
     "lr_scheduler_type": "TRL's lr_scheduler_type is `train.lr_scheduler` here.",
     "logging_steps": "TRL's logging_steps is `logging.every` here.",
+    "log_completions": "TRL's log_completions is `logging.completions: true` here (online runs; <output_dir>/completions.jsonl).",
     "save_steps": "TRL's save_steps is `checkpoint.every` here.",
     "eval_steps": "TRL's eval_steps is `eval.every` here.",
     "output_dir": "TRL's output_dir is `run.output_dir` here.",

@@ -166,9 +166,12 @@ class Trainer:
             engine, self.rewards, examples, ids, self.tokenizer, component, r.sampler.success_threshold, truncated,
             reward, self.world, self.rank)
         self.heldout_collector = collector(self.heldout_examples, self.heldout_prompt_ids, "keep", 0.0)
+        completions = self.output_dir / "completions.jsonl" if r.logging.completions and acc.is_main_process else None
+        if completions is not None and not self.resume:
+            completions.unlink(missing_ok=True)
         return GroupStep(ctx, self.loss, sampler, collector(self.train_examples, self.train_prompt_ids,
                                                             r.rollout.truncated, r.rollout.truncated_reward),
-                         r.rollout, r.train.batch_size, online_setup.sampling_params(r.rollout))
+                         r.rollout, r.train.batch_size, online_setup.sampling_params(r.rollout), completions)
 
     def _configure_deepspeed(self) -> None:
         """Hand the recipe's batch geometry and clipping to DeepSpeed (no dataloader is prepared, so

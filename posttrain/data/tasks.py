@@ -14,6 +14,12 @@ out by the same hash rule (about 320 prompts). Untrained SmolLM2-135M-Instruct a
 them correctly when greedy with 16 new tokens and the chat template (it often explains instead of
 answering, or runs out of tokens): a task with room to learn from verifiable rewards.
 
+`two_digit_addition` (for the HPT claim on SmolLM2): the `addition` prompt with operands 10 to 99, the
+answer the sum. About 20% of the 8,100 operand pairs are held out by the same hash rule. Untrained
+SmolLM2-135M-Instruct answers about 10% of held-out prompts correctly when greedy with 16 new tokens and
+the chat template (measured: 10 of 96 random prompts): hard enough that many prompts have no correct
+rollout in a group of 8, which is where HPT switches to SFT.
+
 `tiny` (for tests with tiny random models): the prompt is a short string of digits; the chosen
 answer is the last digit plus one (mod 10), the rejected answer the last digit plus five (mod 10).
 A tiny model learns it in a few dozen steps. Held-out prompts are disjoint from training prompts.
@@ -53,17 +59,26 @@ def arithmetic_rows(split: str) -> list[PreferenceRow]:
     return rows
 
 
-def addition_rows(split: str) -> list[PreferenceRow]:
+def _sum_prompt_rows(task: str, operands: range, key: str, split: str) -> list[PreferenceRow]:
+    """'What is a + b? Answer with the number only.' for every operand pair of `split`; chosen: the sum."""
     rows = []
-    for a in range(1, 41):
-        for b in range(1, 41):
-            if _split_of(f"add:{a}+{b}") != split:
+    for a in operands:
+        for b in operands:
+            if _split_of(f"{key}:{a}+{b}") != split:
                 continue
             total = a + b
             rows.append(PreferenceRow(f"What is {a} + {b}? Answer with the number only.", str(total),
-                                      str(wrong_sum(a, total)), f"builtin:addition/{split}", len(rows) + 1,
+                                      str(wrong_sum(a, total)), f"builtin:{task}/{split}", len(rows) + 1,
                                       {"a": a, "b": b}))
     return rows
+
+
+def addition_rows(split: str) -> list[PreferenceRow]:
+    return _sum_prompt_rows("addition", range(1, 41), "add", split)
+
+
+def two_digit_addition_rows(split: str) -> list[PreferenceRow]:
+    return _sum_prompt_rows("two_digit_addition", range(10, 100), "add2", split)
 
 
 def tiny_rows(split: str) -> list[PreferenceRow]:
@@ -78,7 +93,8 @@ def tiny_rows(split: str) -> list[PreferenceRow]:
     return rows
 
 
-TASKS = {"arithmetic": arithmetic_rows, "addition": addition_rows, "tiny": tiny_rows}
+TASKS = {"arithmetic": arithmetic_rows, "addition": addition_rows, "two_digit_addition": two_digit_addition_rows,
+         "tiny": tiny_rows}
 
 
 def builtin_rows(name: str, split: str, num_rows: int | None = None, seed: int = 0) -> list[PreferenceRow]:

@@ -147,14 +147,16 @@ def run_recipe_value(run_dir: Optional[Path], section: str, key: str):
     return ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get(section) or {}).get(key)
 
 
-def eval_template(args, run_dir: Optional[Path]) -> tuple[str, str]:
-    """(template, why): --format if given, else the run's own data.template (from its recipe.yaml), else plain."""
+def eval_template(args, run_dir: Optional[Path],
+                  default: tuple[str, str] = ("plain", "the default: prompt + response as text, as Chen et al. "
+                                                       "scored")) -> tuple[str, str]:
+    """(template, why): --format if given, else the run's own data.template (from its recipe.yaml), else `default`."""
     if args.template is not None:
         return args.template, "--format"
     template = run_recipe_value(run_dir, "data", "template")
     if template:
         return template, f"the run's data.template ({Path(run_dir) / 'recipe.yaml'})"
-    return "plain", "the default: prompt + response as text, as Chen et al. scored"
+    return default
 
 
 def _exclusion_reason(item) -> str:
@@ -242,6 +244,10 @@ def run_eval(args) -> int:
 
     if (args.data is None) == (args.builtin is None):
         raise PosttrainError("posttrain eval: give exactly one of --data PATH or --builtin TASK.")
+    if args.generate:
+        from posttrain.eval.generate import run_generation_eval
+
+        return run_generation_eval(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     betas = [float(b) for b in args.betas.split(",") if b.strip()]

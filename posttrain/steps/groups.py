@@ -19,8 +19,10 @@ Per step (docs/online_rl.md):
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -36,19 +38,25 @@ from posttrain.steps.online_setup import broadcast, gather_objects
 
 
 class GroupStep:
-    """Owns the sampler and the rollout collector; `run(step)` rolls out one batch and updates on it."""
+    """Owns the sampler and the rollout collector; `run(step)` rolls out one batch and updates on it. With
+    `completions_log` (process 0 with `logging.completions`), every rollout is appended there as a JSON line."""
 
     def __init__(self, ctx: StepContext, loss: LossPlugin, sampler, collector: RolloutCollector,
-                 rollout: RolloutConfig, batch_size: int, params: SamplingParams):
+                 rollout: RolloutConfig, batch_size: int, params: SamplingParams,
+                 completions_log: Optional[Path] = None):
         self.ctx, self.loss, self.sampler, self.collector = ctx, loss, sampler, collector
         self.rollout, self.batch_size, self.params = rollout, batch_size, params
+        self.completions_log = completions_log
 
     def run(self, step: int) -> dict:
         ctx, ro = self.ctx, self.rollout
         record: dict = {}
         t0 = time.time()
-        records, prepared = self.loss.prepare_rollouts(self.collect(step, record))
+        collected = self.collect(step, record)
+        records, prepared = self.loss.prepare_rollouts(collected)
         record.update(prepared)
+        if self.completions_log is not None:
+            self.log_completions(step, collected, records)
         record["time/rollout"] = time.time() - t0
         if not records:
             ctx.log.warning("step %d: every group had zero reward variance after %d resampling rounds; no update",
@@ -130,6 +138,20 @@ class GroupStep:
         metrics.update({"time/generation": stats.generation_seconds, "time/rewards": stats.reward_seconds,
                         "time/gather": stats.gather_seconds})
         return kept
+
+    def log_completions(self, step: int, collected: list[RolloutRecord], trained: list[RolloutRecord]) -> None:
+        """One JSON line per rollout: its prompt, completion, reward and how its group was trained (`rl`; `sft` when
+        the loss replaced the group by its gold demonstration, as HPT does; `none` when it left the group out)."""
+        sft = {rec.group for rec in trained if rec.demonstration}
+        rl = {rec.group for rec in trained if not rec.demonstration}
+        with self.completions_log.open("a", encoding="utf-8") as handle:
+            for rec in collected:
+                example = self.collector.examples[rec.index]
+                handle.write(json.dumps({
+                    "step": step + 1, "prompt_index": rec.index, "source": example.source, "row": example.row,
+                    "group": rec.group, "prompt": example.prompt, "completion": rec.text, "answer": rec.answer,
+                    "reward": rec.reward, "success": rec.success, "truncated": rec.truncated,
+                    "trained_by": "sft" if rec.group in sft else "rl" if rec.group in rl else "none"}) + "\n")
 
     def _select(self, count: int, exclude: set[int]) -> list[int]:
         """`count` dataset indices from the sampler, chosen on process 0 and broadcast; indices already in the
