@@ -193,7 +193,7 @@ def posttrain_recipe(spec: dict, output_dir: str) -> dict:
                   "batch_size": spec["pairs_per_step"], "micro_batch_size": spec["pairs_per_step"],
                   "max_steps": spec["steps"], "max_grad_norm": 1.0, "shuffle": False, "bf16": spec["bf16"],
                   "share_prompt": spec["share_prompt"], "packing": spec["packing"]},
-        "logging": {"progress_bar": False, "tensorboard": False},
+        "logging": {"progress_bar": False, "report_to": ["jsonl"]},
         "eval": {"at_start": False, "at_end": False, "batch_size": spec["pairs_per_step"]},
     }
 

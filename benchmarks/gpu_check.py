@@ -277,7 +277,7 @@ def dpo_recipe(ctx: dict, output_dir: str, data: dict, steps: int, batch: int, m
                   "batch_size": batch, "micro_batch_size": micro, "max_steps": steps, "max_grad_norm": 1.0,
                   "shuffle": False, "bf16": True, "share_prompt": share_prompt, "packing": packing,
                   "pack_tokens": PACK_TOKENS},
-        "logging": {"progress_bar": False, "tensorboard": False},
+        "logging": {"progress_bar": False, "report_to": ["jsonl"]},
         "eval": {"at_start": False, "at_end": False},
         "checkpoint": {"every": 0},
     }
@@ -298,7 +298,7 @@ def grpo_recipe(ctx: dict, output_dir: str) -> dict:
         "sampler": {"name": "uniform"},
         "train": {"lr": 3.0e-4, "batch_size": 2, "micro_batch_size": 2, "max_steps": 1, "lr_scheduler": "constant",
                   "max_grad_norm": 1.0, "bf16": True},
-        "logging": {"progress_bar": False, "tensorboard": False},
+        "logging": {"progress_bar": False, "report_to": ["jsonl"]},
         "eval": {"at_start": False, "at_end": False},
         "checkpoint": {"every": 0},
     }

@@ -175,7 +175,7 @@ def posttrain_recipe(spec: dict) -> dict:
                   "batch_size": spec["prompts_per_step"], "micro_batch_size": spec["micro_prompts"],
                   "max_steps": spec["steps"], "max_grad_norm": 1.0, "bf16": spec["bf16"],
                   "share_prompt": spec["share_prompt"], "packing": spec["packing"]},
-        "logging": {"progress_bar": False, "tensorboard": False},
+        "logging": {"progress_bar": False, "report_to": ["jsonl"]},
         "eval": {"at_start": False, "at_end": False},
         "checkpoint": {"every": 0},
     }

@@ -57,7 +57,7 @@ def _variant(raw: dict, model_dir: Path, output_dir: Path, micro_batch_size: int
     raw["train"].update({"micro_batch_size": micro_batch_size, "max_steps": 1, "shuffle": False, "bf16": False,
                          "max_grad_norm": None})
     raw["eval"].update({"at_start": False, "at_end": False, "every": 0, "entanglement_every": 0})
-    raw["logging"].update({"progress_bar": False, "tensorboard": False})
+    raw["logging"].update({"progress_bar": False, "report_to": ["jsonl"]})
     raw["reference"]["precompute"] = False
     raw["data"]["heldout"] = None
     return raw

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from posttrain.errors import PosttrainError
 
@@ -120,6 +121,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--threshold", type=float, default=0.5,
                      help="a completion succeeds when its reward is at least this (sampler.success_threshold)")
 
+    task = sub.add_parser("lm-eval-task", help="write an lm-evaluation-harness task for local prompt data",
+                          description="Prompt data read as posttrain reads it, written with a task YAML that lm-eval "
+                                      "loads with --include_path (greedy, last number, exact match; docs/evaluation.md).")
+    task.add_argument("--data", default=None, help="prompt data (GSM8K, MATH, RL or prompt/answer JSONL)")
+    task.add_argument("--builtin", default=None, help="a built-in task instead of --data")
+    task.add_argument("--split", default=None, help="split of a built-in task (default heldout) or datasets directory")
+    task.add_argument("--start", type=int, default=0, help="skip the first N prompts")
+    task.add_argument("--max-prompts", type=int, default=None, help="the first N prompts (after --start)")
+    task.add_argument("--name", default="posttrain_local", help="the lm-eval task name")
+    task.add_argument("--max-new-tokens", type=int, default=256)
+    task.add_argument("--output", required=True, help="directory for the task YAML and its data.jsonl")
+
     sub.add_parser("losses", help="list the registered losses and their parameters")
     return parser
 
@@ -210,6 +223,25 @@ def _eval(args) -> int:
     return run_eval(args)
 
 
+def _lm_eval_task(args) -> int:
+    from posttrain.data.prompts import load_prompt_examples
+    from posttrain.eval.lm_eval_task import write_lm_eval_task
+
+    if (args.data is None) == (args.builtin is None):
+        raise PosttrainError("posttrain lm-eval-task: give exactly one of --data PATH or --builtin TASK.")
+    path = args.data if args.data is not None else f"builtin:{args.builtin}"
+    examples, _ = load_prompt_examples(path, "auto", args.split or ("heldout" if args.builtin else "train"),
+                                       args.start, args.max_prompts, what="--data" if args.data else "--builtin")
+    try:
+        yaml_path = write_lm_eval_task(examples, Path(args.output), args.name, args.max_new_tokens)
+    except ValueError as exc:
+        raise PosttrainError(f"posttrain lm-eval-task: {exc}") from None
+    print(f"wrote {yaml_path} and {yaml_path.parent / 'data.jsonl'} ({len(examples)} prompts). Evaluate with:\n"
+          f"  lm-eval run --model hf --model_args pretrained=MODEL_DIR[,peft=ADAPTER_DIR] --include_path "
+          f"{yaml_path.parent} --tasks {args.name} --apply_chat_template --batch_size 16")
+    return 0
+
+
 def _losses(_args) -> int:
     import dataclasses
 
@@ -235,7 +267,7 @@ LEVEL_NOTES = {"grpo": "  [level token for loss_type dapo/bnpo, sequence for grp
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"train": _train, "validate": _validate, "inspect": _inspect, "check": _check, "export": _export,
-                "chat": _chat, "plot": _plot, "eval": _eval, "losses": _losses}
+                "chat": _chat, "plot": _plot, "eval": _eval, "lm-eval-task": _lm_eval_task, "losses": _losses}
     try:
         return handlers[args.command](args)
     except PosttrainError as exc:

@@ -166,7 +166,12 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     every: int = 1
-    tensorboard: bool = True
+    # where metrics go besides <output_dir>/metrics.jsonl (always written): tensorboard (<output_dir>/tensorboard),
+    # wandb, trackio, mlflow (accelerate's trackers; docs/trackers.md); [] or [jsonl]: the JSONL file alone
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    project: str = "posttrain"  # the wandb / trackio project and the mlflow experiment
+    run_name: Optional[str] = None  # default: the output directory's name
+    tracker_kwargs: dict = field(default_factory=dict)  # per tracker, its init arguments: {wandb: {mode: offline}}
     progress_bar: bool = True
     completions: bool = False  # online runs: every rollout to <output_dir>/completions.jsonl (TRL's log_completions)
 
@@ -246,6 +251,8 @@ TRL_NAMES = {
     "beta": "beta is a loss parameter: `loss: {name: dpo, params: {beta: 0.1}}` (or --set loss.params.beta=0.1).",
     "lr_scheduler_type": "TRL's lr_scheduler_type is `train.lr_scheduler` here.",
     "logging_steps": "TRL's logging_steps is `logging.every` here.",
+    "report_to": "TRL's report_to is `logging.report_to` here (a list: jsonl, tensorboard, wandb, trackio, mlflow).",
+    "run_name": "TRL's run_name is `logging.run_name` here.",
     "log_completions": "TRL's log_completions is `logging.completions: true` here (online runs; <output_dir>/completions.jsonl).",
     "save_steps": "TRL's save_steps is `checkpoint.every` here.",
     "eval_steps": "TRL's eval_steps is `eval.every` here.",

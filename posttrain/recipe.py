@@ -12,12 +12,32 @@ import yaml
 
 from posttrain.config import TRL_NAMES, Recipe
 from posttrain.errors import RecipeError
+from posttrain.logs import TRACKERS
 from posttrain.losses import ADVANTAGE_ESTIMATORS, build_loss
 from posttrain.models import check_attention
 from posttrain.rewards import validate_reward_terms
 from posttrain.rollout import ENGINES
 from posttrain.samplers import SAMPLERS
 from posttrain.typed import build_dataclass
+
+
+def tracker_problems(logging) -> list[str]:
+    """Unknown tracker names, trackers whose package is not installed, and kwargs for trackers not reported to."""
+    import importlib.util
+
+    problems = []
+    for name in logging.report_to:
+        if name not in TRACKERS:
+            problems.append(f"logging.report_to: unknown tracker {name!r}; posttrain reports to "
+                            f"{', '.join(TRACKERS)}.")
+        elif TRACKERS[name] and importlib.util.find_spec(TRACKERS[name][0]) is None:
+            problems.append(f"logging.report_to: {name!r} needs the {TRACKERS[name][1]!r} package, which is not "
+                            f"installed: pip install {TRACKERS[name][1]}")
+    for name in logging.tracker_kwargs:
+        if name not in logging.report_to:
+            problems.append(f"logging.tracker_kwargs.{name}: {name!r} is not in logging.report_to "
+                            f"({logging.report_to}).")
+    return problems
 
 
 def _range_problems(recipe: Recipe) -> list[str]:
@@ -56,6 +76,7 @@ def _range_problems(recipe: Recipe) -> list[str]:
         (recipe.rollout.max_resample_rounds >= 0, "rollout.max_resample_rounds must be >= 0."),
     ]
     problems = [message for ok, message in checks if not ok]
+    problems += tracker_problems(recipe.logging)
     for i, src in enumerate([recipe.data.train] + ([recipe.data.heldout] if recipe.data.heldout else [])):
         name = "data.train" if i == 0 else "data.heldout"
         if (src.path is None) == (src.builtin is None):

@@ -125,7 +125,8 @@ class Trainer:
             n_micro=self.n_micro, share_prompt=t.share_prompt, pack_tokens=t.pack_tokens if t.packing else None,
             log=self.log, optimiser_step=OptimiserStep(acc, self.model, self.optimizer, self.scheduler,
                                                        t.max_grad_norm, t.on_nonfinite))
-        self.metrics = MetricsWriter(self.output_dir, r.logging.tensorboard, acc.is_main_process, append=self.resume)
+        self.metrics = MetricsWriter(self.output_dir, r.logging, acc.is_main_process, append=self.resume,
+                                     config=recipe_to_dict(r))
         self.step = self._build_step()
         self.training_state = TrainingState(acc, self.model, self.context.peft_model(), self.optimizer,
                                             self.scheduler, self.output_dir)

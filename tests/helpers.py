@@ -19,7 +19,7 @@ def tiny_recipe(model_dir: Path, output_dir: Path, **sections) -> dict:
                  "template": "plain", "max_length": 64},
         "loss": {"name": "dpo", "params": {"beta": 0.1}},
         "train": {"lr": 1e-2, "batch_size": 16, "micro_batch_size": 8, "epochs": 1, "lr_scheduler": "constant"},
-        "logging": {"progress_bar": False, "tensorboard": True},
+        "logging": {"progress_bar": False, "report_to": ["jsonl", "tensorboard"]},
         "eval": {"batch_size": 64},
     }
     for section, values in sections.items():

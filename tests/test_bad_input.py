@@ -71,7 +71,7 @@ CASES = ["corrupt jsonl line", "non-utf8 file", "wrong field names", "empty data
 def _recipe(tmp_path: Path, model_dir: Path, case: str) -> tuple[Path, list[str], Path]:
     changes, words = _case(case, tmp_path)
     run = tmp_path / "run"
-    raw = tiny_recipe(model_dir, run, logging={"progress_bar": False, "tensorboard": False},
+    raw = tiny_recipe(model_dir, run, logging={"progress_bar": False, "report_to": ["jsonl"]},
                       train={"max_steps": 2, "batch_size": 2, "micro_batch_size": 2})
     for section, values in changes.items():
         raw[section] = values if section == "loss" else {**raw[section], **values}
@@ -115,11 +115,11 @@ def test_the_real_command_exits_2_without_traceback(tmp_path, tiny_model_dir):
 def _early_case(name: str, tmp_path: Path, model_dir: Path) -> tuple[dict, list[str]]:
     """(recipe, words of the message) of a mistake that must be found before the model loads."""
     good = (_valid_row(0) + "\n" + _valid_row(1) + "\n").encode()
-    offline = tiny_recipe(model_dir, tmp_path / "run", logging={"progress_bar": False, "tensorboard": False},
+    offline = tiny_recipe(model_dir, tmp_path / "run", logging={"progress_bar": False, "report_to": ["jsonl"]},
                           train={"max_steps": 2, "batch_size": 2, "micro_batch_size": 2})
     online = tiny_recipe(model_dir, tmp_path / "run", loss={"name": "grpo"}, rewards=[{"name": "exact_match"}],
                          rollout={"group_size": 2, "max_new_tokens": 4, "reward_workers": 0},
-                         logging={"progress_bar": False, "tensorboard": False},
+                         logging={"progress_bar": False, "report_to": ["jsonl"]},
                          train={"max_steps": 2, "batch_size": 2, "micro_batch_size": 2})
     if name == "missing data path":
         offline["data"] = {**offline["data"], "train": {"path": str(tmp_path / "nosuch.jsonl")}, "heldout": None}

@@ -28,7 +28,7 @@ def test_the_documented_custom_loss_trains_from_a_recipe(tiny_model_dir, tmp_pat
     loss_section = yaml.safe_load(_doc_blocks("yaml")[0])["loss"]
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", loss=loss_section,
                       train={"batch_size": 16, "micro_batch_size": 16, "max_steps": 48, "lr": 2e-2},
-                      logging={"tensorboard": False, "progress_bar": False})
+                      logging={"report_to": ["jsonl"], "progress_bar": False})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -62,7 +62,7 @@ def _raw(model_dir: Path, data: Path, output_dir: Path, optimizer: str, **train)
                        train={"optimizer": optimizer, "lr": lr, "batch_size": 4, "micro_batch_size": 2,
                               "max_steps": STEPS, "max_grad_norm": None, **train},
                        checkpoint={"every": 2, "keep_last": 5},
-                       logging={"progress_bar": False, "tensorboard": False})
+                       logging={"progress_bar": False, "report_to": ["jsonl"]})
 
 
 def _write_recipe(raw: dict, path: Path) -> Path:

@@ -317,7 +317,7 @@ def test_the_entanglement_diagnostic_leaves_training_unchanged(tiny_model_dir, t
                                                                            "max_steps": 4, "lr": 2e-2},
                           data={"heldout": {"builtin": "tiny", "split": "heldout", "num_rows": 8}},
                           eval={"at_start": False, "at_end": False, "entanglement_every": every, "report": False},
-                          logging={"tensorboard": False, "progress_bar": False})
+                          logging={"report_to": ["jsonl"], "progress_bar": False})
         Trainer(recipe_from(raw)).train()
         lines = (tmp_path / f"run{every}" / "metrics.jsonl").read_text().splitlines()
         assert sum("entanglement/cosine" in x for x in lines) == (2 if every else 0)

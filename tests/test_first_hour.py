@@ -104,7 +104,7 @@ def test_sft_loss_trains_on_trl_sft_files_exactly_as_on_the_chosen_side_of_pairs
         raw = tiny_recipe(tiny_model_dir, tmp_path / name, loss={"name": "sft"}, model={"dtype": "float64"},
                           data={"train": {"path": str(data)}, "heldout": None, "template": "auto"},
                           train={"max_steps": 1, "batch_size": 6, "micro_batch_size": 3, "shuffle": False},
-                          logging={"tensorboard": False, "progress_bar": False})
+                          logging={"report_to": ["jsonl"], "progress_bar": False})
         trainer = Trainer(recipe_from(raw))
         trainer.setup()
         results.append((trainer, trainer.train_step(0)))
@@ -172,7 +172,7 @@ def test_the_final_adapter_names_a_portable_base_model(smollm2_dir, tiny_model_d
         raw = tiny_recipe(tiny_model_dir, tmp_path / name, model=model, lora=lora, train=small,
                           data={"train": {"builtin": "tiny", "split": "train", "num_rows": 4}, "heldout": None,
                                 "template": "plain", "max_length": 32},
-                          logging={"tensorboard": False, "progress_bar": False})
+                          logging={"report_to": ["jsonl"], "progress_bar": False})
         Trainer(recipe_from(raw)).train()
         configs[name] = json.loads((tmp_path / name / "final" / "adapter_config.json").read_text())
     assert configs["alias"]["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -191,7 +191,7 @@ def test_dpo_logs_trls_logits_and_cumulative_num_tokens(tiny_model_dir, tmp_path
     data = write_varied_pairs(tmp_path / "varied.jsonl", n=8)
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", data={"train": {"path": str(data)}, "heldout": None},
                       train={"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "shuffle": False},
-                      model={"dtype": "float64"}, logging={"tensorboard": False, "progress_bar": False})
+                      model={"dtype": "float64"}, logging={"report_to": ["jsonl"], "progress_bar": False})
     trainer = Trainer(recipe_from(raw))
     trainer.train()
     lines = _metrics(tmp_path / "run")
@@ -221,7 +221,7 @@ def test_grpo_logs_trls_metric_names_with_their_values(tiny_model_dir, tmp_path,
                       data={"train": {"builtin": "tiny", "split": "train"}, "heldout": None, "template": "plain"},
                       rollout={"group_size": 4, "max_new_tokens": 6, "reward_workers": 0, "updates_per_batch": 2},
                       train={"max_steps": 2, "batch_size": 2, "micro_batch_size": 1, "lr": 5e-2},
-                      logging={"tensorboard": False, "progress_bar": False})
+                      logging={"report_to": ["jsonl"], "progress_bar": False})
     Trainer(recipe_from(raw)).train()
     lines = _metrics(tmp_path / "run")
     for line in lines:
@@ -264,7 +264,7 @@ def test_lora_options_reach_peft_and_the_saved_adapter_reloads_to_the_trained_po
     value = ["lm_head"] if option == "modules_to_save" else True
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", lora={option: value},
                       data={"heldout": None}, train={"max_steps": 2, "batch_size": 4, "micro_batch_size": 4},
-                      logging={"tensorboard": False, "progress_bar": False})
+                      logging={"report_to": ["jsonl"], "progress_bar": False})
     trainer = Trainer(recipe_from(raw))
     trainer.train()
     final = tmp_path / "run" / "final"
@@ -298,7 +298,7 @@ def test_the_tiny_model_alias_trains_with_the_real_tokenizer(tmp_path):
     assert "<|im_start|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     raw = tiny_recipe(Path("tiny-random-llama"), tmp_path / "run", data={"heldout": None},
                       train={"max_steps": 2, "batch_size": 4, "micro_batch_size": 4},
-                      logging={"tensorboard": False, "progress_bar": False})
+                      logging={"report_to": ["jsonl"], "progress_bar": False})
     raw["model"]["name_or_path"] = "tiny-random-llama"
     summary = Trainer(recipe_from(raw)).train()
     assert summary["steps"] == 2 and (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
@@ -309,7 +309,7 @@ def test_plot_writes_labelled_pngs_of_a_run_and_the_run_ends_with_a_summary_tabl
     import matplotlib.image as mpimg
 
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", train={"max_steps": 4, "batch_size": 8, "micro_batch_size": 8},
-                      eval={"every": 2, "batch_size": 64}, logging={"tensorboard": False, "progress_bar": False})
+                      eval={"every": 2, "batch_size": 64}, logging={"report_to": ["jsonl"], "progress_bar": False})
     Trainer(recipe_from(raw)).train()
     out = capsys.readouterr().out
     table = out[out.index("steps  time"):].splitlines()[:2]
@@ -383,7 +383,7 @@ def test_export_merges_into_a_plain_transformers_model_equal_to_the_adapter(tiny
 
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", data={"heldout": None},
                       train={"max_steps": 2, "batch_size": 8, "micro_batch_size": 8, "lr": 5e-2},
-                      logging={"tensorboard": False, "progress_bar": False})
+                      logging={"report_to": ["jsonl"], "progress_bar": False})
     Trainer(recipe_from(raw)).train()
     merged, adapter, half = tmp_path / "merged", tmp_path / "adapter", tmp_path / "merged-bf16"
     assert cli.main(["export", str(tmp_path / "run"), "--output", str(merged), "--merge"]) == 0

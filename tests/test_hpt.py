@@ -128,7 +128,7 @@ def test_hpt_logs_the_shares_of_prompts_trained_by_sft_and_rl(tiny_model_dir, tm
                       rollout={"group_size": 4, "max_new_tokens": 8, "reward_workers": 0},
                       sampler={"name": "uniform", "success_threshold": 0.99},
                       train={"batch_size": 4, "micro_batch_size": 2, "max_steps": 3, "lr": 1e-2},
-                      logging={"tensorboard": False, "progress_bar": False})
+                      logging={"report_to": ["jsonl"], "progress_bar": False})
     Trainer(recipe_from(raw)).train()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(lines) == 3

@@ -140,7 +140,7 @@ def test_kto_reads_trls_unpaired_format_and_rotates_the_mismatched_completions(t
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", loss={"name": "kto", "params": {"kl_chunk": 2}},
                       data={"train": {"path": str(data)}, "heldout": None},
                       train={"max_steps": 1, "batch_size": 5, "micro_batch_size": 5, "shuffle": False},
-                      logging={"tensorboard": False, "progress_bar": False})
+                      logging={"report_to": ["jsonl"], "progress_bar": False})
     trainer = Trainer(recipe_from(raw))
     trainer.setup()
     pairs = trainer.train_pairs
@@ -185,7 +185,7 @@ def test_kto_trains_the_tiny_task(tiny_model_dir, tmp_path):
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", loss={"name": "kto", "params": {"beta": 0.1}},
                       data={"train": {"path": str(data)}},
                       train={"batch_size": 16, "micro_batch_size": 16, "max_steps": 24, "lr": 1e-2},
-                      logging={"progress_bar": False, "tensorboard": False})
+                      logging={"progress_bar": False, "report_to": ["jsonl"]})
     summary = Trainer(recipe_from(raw)).train()
     before, after = summary["heldout_before"]["ranking_accuracy"], summary["heldout_after"]["ranking_accuracy"]
     assert after >= before + 0.25 and after >= 0.9, (before, after)

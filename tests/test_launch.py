@@ -76,7 +76,7 @@ def test_a_launch_that_ends_up_with_one_process_is_refused(monkeypatch, processe
 def test_two_processes_train_together(tiny_model_dir, tmp_path):
     path = tmp_path / "r.yaml"
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", train={"max_steps": 3, "batch_size": 8, "micro_batch_size": 2},
-                      logging={"progress_bar": False, "tensorboard": False})
+                      logging={"progress_bar": False, "report_to": ["jsonl"]})
     path.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "POSTTRAIN_PG_TIMEOUT": "120"}
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",

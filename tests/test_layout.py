@@ -159,7 +159,7 @@ def _two_steps(tiny_model_dir, tmp_path, name, train=None, reference=None):
     raw = tiny_recipe(tiny_model_dir, tmp_path / name, model={"dtype": "float64"},
                       data={"train": {"builtin": "tiny", "split": "train", "num_rows": 32}, "heldout": None},
                       train={"batch_size": 8, "micro_batch_size": 4, "lr": 5e-2, **(train or {})},
-                      reference=reference or {}, logging={"progress_bar": False, "tensorboard": False})
+                      reference=reference or {}, logging={"progress_bar": False, "report_to": ["jsonl"]})
     trainer = Trainer(recipe_from(raw))
     trainer.setup()
     return [trainer.train_step(s) for s in range(3)]
@@ -184,7 +184,7 @@ def test_trainer_refuses_the_layouts_where_the_mask_would_not_be_honoured(tiny_m
 
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", model={"attn_implementation": "flex_attention"},
                       data={"train": {"builtin": "tiny", "split": "train", "num_rows": 8}, "heldout": None},
-                      train={"share_prompt": True}, logging={"progress_bar": False, "tensorboard": False})
+                      train={"share_prompt": True}, logging={"progress_bar": False, "report_to": ["jsonl"]})
     with pytest.raises(RecipeError, match="train.share_prompt needs a custom 4-D attention mask, which model.attn_implementation 'flex_attention'"):
         Trainer(recipe_from(raw)).setup()
 

@@ -20,7 +20,7 @@ def _raw(tiny_model_dir, tmp_path, **train):
     data = write_varied_pairs(tmp_path / "varied.jsonl", n=12)
     return tiny_recipe(tiny_model_dir, tmp_path / "run", data={"train": {"path": str(data)}, "heldout": None},
                        train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 3, **train},
-                       logging={"progress_bar": False, "tensorboard": False})
+                       logging={"progress_bar": False, "report_to": ["jsonl"]})
 
 
 def _largest_collated_batch(raw, monkeypatch) -> int:

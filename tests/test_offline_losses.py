@@ -824,7 +824,7 @@ def test_reference_free_simpo_never_runs_a_reference_pass(tiny_model_dir, tmp_pa
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", loss={"name": loss},
                       data={"train": {"builtin": "tiny", "split": "train", "num_rows": 16}, "heldout": None},
                       train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 2},
-                      logging={"progress_bar": False, "tensorboard": False})
+                      logging={"progress_bar": False, "report_to": ["jsonl"]})
     trainer = Trainer(recipe_from(raw))
     trainer.setup()
     setup_forwards = counts["forward"]  # set-up's probe of the log-probs against the model's forward (no reference)
@@ -856,7 +856,7 @@ def test_loss_trains_the_tiny_task(tiny_model_dir, tmp_path, loss, accuracy_key)
     # 2e-2 overshoots for rdpo.
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", loss=loss,
                       train={"batch_size": 16, "micro_batch_size": 16, "max_steps": 24, "lr": 1e-2},
-                      logging={"progress_bar": False, "tensorboard": False})
+                      logging={"progress_bar": False, "report_to": ["jsonl"]})
     summary = Trainer(recipe_from(raw)).train()
     before, after = summary["heldout_before"][accuracy_key], summary["heldout_after"][accuracy_key]
     assert after >= before + 0.25 and after >= 0.9, (before, after)

@@ -295,7 +295,7 @@ def test_kill_after_a_checkpoint_then_resume_restores_the_vade_sampler(tiny_mode
         raw = online_recipe(tiny_model_dir, out, sampler={"name": "vade", "success_threshold": 0.9},
                             rollout={"reward_workers": 1}, train={"max_steps": 4}, checkpoint={"every": 2},
                             eval={"at_start": False, "at_end": False}, logging={"progress_bar": False,
-                                                                               "tensorboard": False})
+                                                                               "report_to": ["jsonl"]})
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw))
         runs[name] = (path, out)
@@ -339,6 +339,6 @@ def test_each_shipped_online_recipe_runs_a_step_on_a_tiny_model(name, tiny_model
                model={**raw["model"], "name_or_path": str(tiny_model_dir)}, lora={**raw["lora"], "r": 4},
                rollout={**raw["rollout"], "group_size": 2, "max_new_tokens": 4, "reward_workers": 0},
                train={**raw["train"], "batch_size": 2, "micro_batch_size": 1, "max_steps": 1},
-               logging={"progress_bar": False, "tensorboard": False}, checkpoint={"every": 0})
+               logging={"progress_bar": False, "report_to": ["jsonl"]}, checkpoint={"every": 0})
     summary = Trainer(recipe_from(raw)).train()
     assert summary["steps"] == 1 and summary["heldout_after"]["num_prompts"] == 4

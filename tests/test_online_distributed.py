@@ -72,7 +72,7 @@ def test_zero3_online_run_with_unequal_generation_lengths_checkpoints_and_resume
                           train={"lr": 1e-2, "batch_size": 4, "micro_batch_size": 1, "max_steps": 4,
                                  "lr_scheduler": "constant"},
                           checkpoint={"every": 2}, eval={"at_start": False, "at_end": True},
-                          logging={"progress_bar": False, "tensorboard": False})
+                          logging={"progress_bar": False, "report_to": ["jsonl"]})
         recipes[name] = tmp_path / f"{name}.yaml"
         recipes[name].write_text(yaml.safe_dump(raw))
 
@@ -138,7 +138,7 @@ def _grpo_raw(model_dir, output_dir, optimizer="sgd"):
                                 "engine": "seeded_engine:SeededCompletions"},
                        train={"optimizer": optimizer, "lr": 0.5, "batch_size": 4, "micro_batch_size": 1,
                               "max_steps": 5, "max_grad_norm": None, "lr_scheduler": "constant"},
-                       logging={"progress_bar": False, "tensorboard": False})
+                       logging={"progress_bar": False, "report_to": ["jsonl"]})
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ def _first_steps(raw, steps=2):
 
 def _f64(tiny_model_dir, tmp_path, name, **sections):
     base = {"data": {"heldout": None}, "train": {"batch_size": 8, "micro_batch_size": 4, "lr": 5e-2},
-            "model": {"dtype": "float64"}, "logging": {"progress_bar": False, "tensorboard": False}}
+            "model": {"dtype": "float64"}, "logging": {"progress_bar": False, "report_to": ["jsonl"]}}
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return tiny_recipe(tiny_model_dir, tmp_path / name, **base)
@@ -38,7 +38,7 @@ def test_adapter_off_reference_starts_at_log2_and_moves_away(tiny_model_dir, tmp
 def test_starting_adapter_is_the_frozen_reference(tiny_model_dir, tmp_path):
     first = Trainer(recipe_from(tiny_recipe(tiny_model_dir, tmp_path / "first",
                                             train={"max_steps": 3, "batch_size": 8, "micro_batch_size": 8, "lr": 5e-2},
-                                            logging={"progress_bar": False, "tensorboard": False})))
+                                            logging={"progress_bar": False, "report_to": ["jsonl"]})))
     first.train()
     raw = _f64(tiny_model_dir, tmp_path, "second", lora={"init_adapter": str(tmp_path / "first" / "final")})
     trainer, records = _first_steps(raw, steps=3)

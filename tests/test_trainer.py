@@ -142,7 +142,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tiny_model_di
                           run={"output_dir": str(tmp_path / name), "seed": 3, "num_threads": 1,
                                "deterministic": True, "callbacks": ["tests.callbacks:EnvProbes"]},
                           train={"max_steps": 6, "batch_size": 8, "micro_batch_size": 4},
-                          data={"heldout": None}, logging={"tensorboard": False, "progress_bar": False})
+                          data={"heldout": None}, logging={"report_to": ["jsonl"], "progress_bar": False})
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw))
         return path
@@ -176,7 +176,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tiny_model_di
 
 def test_resume_refuses_a_changed_recipe(tiny_model_dir, tmp_path):
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", train={"max_steps": 2, "batch_size": 8, "micro_batch_size": 8},
-                      data={"heldout": None}, logging={"tensorboard": False, "progress_bar": False})
+                      data={"heldout": None}, logging={"report_to": ["jsonl"], "progress_bar": False})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert _train_cli(path).returncode == 0
@@ -195,7 +195,7 @@ def test_resume_with_force_after_raising_max_steps_follows_the_new_schedule(tiny
         raw = tiny_recipe(tiny_model_dir, tmp_path / run, data={"heldout": None},
                           train={"max_steps": max_steps, "batch_size": 8, "micro_batch_size": 8,
                                  "lr_scheduler": "linear"},
-                          logging={"tensorboard": False, "progress_bar": False})
+                          logging={"report_to": ["jsonl"], "progress_bar": False})
         Trainer(recipe_from(raw), **flags).train()
         lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         return {x["step"]: x["learning_rate"] for x in lines if "loss" in x}
@@ -214,7 +214,7 @@ def test_a_nan_loss_stops_or_skips_the_step(tiny_model_dir, tmp_path, policy):
 
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", data={"heldout": None},
                       train={"batch_size": 8, "micro_batch_size": 4, "on_nonfinite": policy},
-                      logging={"progress_bar": False, "tensorboard": False})
+                      logging={"progress_bar": False, "report_to": ["jsonl"]})
     trainer = Trainer(recipe_from(raw))
     trainer.setup()
     real_loss = trainer.step.loss
@@ -245,7 +245,7 @@ def test_a_nan_loss_stops_or_skips_the_step(tiny_model_dir, tmp_path, policy):
 def test_sft_trains_the_tiny_task(tiny_model_dir, tmp_path):
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", loss={"name": "sft"},
                       train={"batch_size": 16, "micro_batch_size": 16, "max_steps": 24, "lr": 1e-2},
-                      logging={"progress_bar": False, "tensorboard": False})
+                      logging={"progress_bar": False, "report_to": ["jsonl"]})
     summary = Trainer(recipe_from(raw)).train()
     before = summary["heldout_before"]["ranking_accuracy"]
     after = summary["heldout_after"]["ranking_accuracy"]

@@ -67,7 +67,7 @@ def base_recipe(args, workdir: Path, name: str) -> dict:
                      "template": "plain", "max_length": 64},
             "train": {"lr": 2e-2, "batch_size": 16, "micro_batch_size": 16, "max_steps": 6,
                       "lr_scheduler": "constant"},
-            "logging": {"progress_bar": False, "tensorboard": False},
+            "logging": {"progress_bar": False, "report_to": ["jsonl"]},
             "eval": {"batch_size": 64},
         }
     return {
@@ -79,7 +79,7 @@ def base_recipe(args, workdir: Path, name: str) -> dict:
                  "template": "chat", "max_length": 128},
         "train": {"lr": 5e-4, "batch_size": 16, "micro_batch_size": 16, "max_steps": 24, "warmup_steps": 2,
                   "lr_scheduler": "cosine"},
-        "logging": {"progress_bar": False, "tensorboard": False},
+        "logging": {"progress_bar": False, "report_to": ["jsonl"]},
         "eval": {"batch_size": 64},
     }
 

@@ -62,7 +62,7 @@ def main() -> None:
     workdir = Path(args.workdir) if args.workdir else ROOT / "runs" / "claims"
     raw = yaml.safe_load(RECIPE.read_text())
     raw = merge(raw, run={"output_dir": str(workdir / "grpo_addition"), "num_threads": args.threads},
-                logging={"progress_bar": not args.smoke, "tensorboard": True})
+                logging={"progress_bar": not args.smoke, "report_to": ["jsonl", "tensorboard"]})
     if args.smoke:
         raw = merge(raw, model={"name_or_path": str(tiny_model_dir(workdir))},
                     data={"train": {"builtin": "tiny", "split": "train"},

@@ -59,7 +59,7 @@ def recipes(args, workdir: Path) -> dict[str, dict]:
         train = {**train, "max_steps": steps, "lr": 1e-2}
         base = merge(base, model={"name_or_path": str(tiny_model_dir(workdir))})
     base = merge(base, data=data, rollout=rollout, train=train, checkpoint={"every": 0},
-                 logging={"progress_bar": not args.smoke, "tensorboard": False, "completions": True})
+                 logging={"progress_bar": not args.smoke, "report_to": ["jsonl"], "completions": True})
     hpt_loss = {"name": "hpt", "params": {"switch_gate": 0, "sft_coef": 1.0,
                                           "max_completion_length": rollout["max_new_tokens"]}}
     sft = {key: value for key, value in base.items() if key not in ("rewards", "rollout", "sampler")}

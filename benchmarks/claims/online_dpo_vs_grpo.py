@@ -41,7 +41,7 @@ def main() -> None:
     base = yaml.safe_load(RECIPE.read_text())
     base = merge(base, train={"batch_size": 4, "micro_batch_size": 4, "max_steps": args.steps},
                  eval={**base["eval"], "at_start": False, "at_end": False}, checkpoint={"every": 0},
-                 logging={"progress_bar": not args.smoke, "tensorboard": False})
+                 logging={"progress_bar": not args.smoke, "report_to": ["jsonl"]})
     seeds = list(range(args.seeds))
     if args.smoke:
         seeds = [0]

@@ -48,7 +48,7 @@ def main() -> None:
     base = merge(base, data={**base["data"], "train": {"builtin": "addition", "split": "train", "num_rows": 64}},
                  rollout={**base["rollout"], "group_size": args.group_size},
                  train={"batch_size": 4, "micro_batch_size": 4, "max_steps": args.steps},
-                 logging={"progress_bar": not args.smoke, "tensorboard": False}, checkpoint={"every": 0})
+                 logging={"progress_bar": not args.smoke, "report_to": ["jsonl"]}, checkpoint={"every": 0})
     seeds = list(range(args.seeds))
     if args.smoke:
         seeds = [0]
