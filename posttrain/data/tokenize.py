@@ -23,6 +23,7 @@ The tokens after the response's last character (end of turn) are counted per com
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -100,27 +101,67 @@ def as_text(prompt) -> str:
     return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt) + "\n\nAssistant:"
 
 
-def render_prompt(tokenizer, prompt, template: str) -> str:
+def chat_template_kwargs(extras: dict, source: str, row: int) -> dict:
+    """What a row gives the chat template besides its messages, as TRL passes it: `tools` (a list of function
+    schemas, or its JSON text) and `chat_template_kwargs` (a mapping)."""
+    kwargs = {}
+    tools = extras.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{source}, row {row}: field 'tools' is a string but not JSON ({exc.msg} at character "
+                            f"{exc.pos}); give a list of function schemas.") from None
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise DataError(f"{source}, row {row}: field 'tools' must be a list of function schemas (objects), got "
+                            f"{type(tools).__name__}.")
+        if tools:  # TRL's `tools or None`: an empty list renders no tool boilerplate
+            kwargs["tools"] = tools
+    extra = extras.get("chat_template_kwargs")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise DataError(f"{source}, row {row}: field 'chat_template_kwargs' must be an object, got "
+                            f"{type(extra).__name__}.")
+        kwargs.update(extra)
+    return kwargs
+
+
+def render_prompt(tokenizer, prompt, template: str, chat_kwargs: Optional[dict] = None) -> str:
     """The prompt as the model sees it before its response (generation prompt included for chat)."""
     if uses_chat_template(prompt, template):
-        return tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True,
+                                             **(chat_kwargs or {}))
     return as_text(prompt)
 
 
-def prompt_token_ids(tokenizer, prompt, template: str) -> list[int]:
+def prompt_token_ids(tokenizer, prompt, template: str, chat_kwargs: Optional[dict] = None) -> list[int]:
     """Token ids of a rendered prompt: chat templates carry their own special tokens, raw text gets the
     tokenizer's (as TRL tokenises each)."""
     chat = uses_chat_template(prompt, template)
-    return tokenizer(render_prompt(tokenizer, prompt, template), add_special_tokens=not chat)["input_ids"]
+    return tokenizer(render_prompt(tokenizer, prompt, template, chat_kwargs), add_special_tokens=not chat)["input_ids"]
 
 
-def _render_with_response(tokenizer, prompt, response: str, chat: bool) -> tuple[str, int]:
-    """Prompt followed by the response, rendered; and the character where the response's text ends."""
+class NotPrefixPreserving(ValueError):
+    """The chat template renders the prompt differently once a response follows it."""
+
+
+def _render_with_response(tokenizer, prompt, response: str, chat: bool,
+                          chat_kwargs: Optional[dict] = None) -> tuple[str, int]:
+    """Prompt followed by the response, rendered; and the character where the response's text ends. A chat
+    template must be prefix-preserving: the prompt rendered with the generation prompt is where prompt + response
+    starts, else the completion's tokens would not be the response's (NotPrefixPreserving)."""
     if chat:
         messages = as_messages(prompt)
-        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
-        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        kwargs = chat_kwargs or {}
+        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False,
+                                             **kwargs)
+        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         shared = next((k for k, (a, b) in enumerate(zip(head, text)) if a != b), min(len(head), len(text)))
+        if shared < len(head):
+            raise NotPrefixPreserving(
+                f"from character {shared} the prompt renders as {head[shared:shared + 40]!r} alone but as "
+                f"{text[shared:shared + 40]!r} with the response after it")
         start = text.find(response, shared) if response else -1
         return text, (start + len(response) if start >= 0 else len(text))
     prompt_text, eos = as_text(prompt), tokenizer.eos_token
@@ -173,10 +214,18 @@ def tokenize_pairs(rows: list[PreferenceRow], tokenizer, template: str = "auto",
     pairs, invalid = [], []
     for row in rows:
         chat = uses_chat_template(row.prompt, template)
-        prompt_ids = _encode(tokenizer, render_prompt(tokenizer, row.prompt, template), chat)[0]
+        kwargs = chat_template_kwargs(row.extras, row.source, row.row) if chat else {}
+        prompt_ids = _encode(tokenizer, render_prompt(tokenizer, row.prompt, template, kwargs), chat)[0]
         completions = []
         for response in (row.chosen, row.rejected):
-            text, response_end = _render_with_response(tokenizer, row.prompt, response, chat)
+            try:
+                text, response_end = _render_with_response(tokenizer, row.prompt, response, chat, kwargs)
+            except NotPrefixPreserving as exc:
+                raise DataError(f"{row.source}, row {row.row}: the chat template is not prefix-preserving for this "
+                                f"row's turns: {exc}, so the completion's tokens would not be the response. Use a "
+                                f"template that renders a prompt the same with or without the response after it "
+                                f"(e.g. one that does not drop earlier turns' reasoning or add an empty thinking "
+                                f"block to the generation prompt), or data.template: plain.") from None
             ids, offsets = _encode(tokenizer, text, chat)
             completions.append((ids, _tail_tokens(offsets, response_end)))
         shared = min(_common_prefix(prompt_ids, ids) for ids, _ in completions)

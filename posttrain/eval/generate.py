@@ -129,7 +129,7 @@ def run_generation_eval(args) -> int:
     """The body of `posttrain eval --generate` (see posttrain.cli for the options)."""
     from posttrain.config import RewardTerm
     from posttrain.data.prompts import load_prompt_examples
-    from posttrain.data.tokenize import prompt_token_ids
+    from posttrain.data.tokenize import chat_template_kwargs, prompt_token_ids
     from posttrain.errors import DataError, PosttrainError
     from posttrain.eval.api import eval_template, resolve_adapter
     from posttrain.models import load_tokenizer
@@ -150,7 +150,8 @@ def run_generation_eval(args) -> int:
                                        args.start, args.max_prompts, what="--data" if args.data else "--builtin")
     rewards = build_reward_set([RewardTerm(name=args.reward)], num_workers=0)
     tokenizer = load_tokenizer(args.model)
-    ids = [prompt_token_ids(tokenizer, e.prompt, template) for e in examples]
+    ids = [prompt_token_ids(tokenizer, e.prompt, template, chat_template_kwargs(e.extras, e.source, e.row))
+           for e in examples]
     print(f"format: {template} ({why}); {len(examples)} prompts; reward {args.reward}; greedy"
           + (f" and {args.samples} samples at temperature {args.temperature}" if args.samples else ""), flush=True)
     model = load_policy(args.model, adapter[1] if adapter else None, adapter[0] if adapter else None, args.dtype)

@@ -75,7 +75,8 @@ class HPTLoss(GroupLoss):
             raise DataError(f"{missing.where}: no `solution` (the gold demonstration HPT trains on by SFT when a "
                             f"prompt's rollouts fail). Give prompt data with a solution field (GSM8K's answer, "
                             f"MATH's solution, or `solution` beside `prompt`), or use another loss.")
-        rows = [PreferenceRow(e.prompt, e.extras["solution"], "", e.source, e.row, {ROW_KIND: "demonstration"})
+        rows = [PreferenceRow(e.prompt, e.extras["solution"], "", e.source, e.row,
+                              {**e.extras, ROW_KIND: "demonstration"})
                 for e in examples]
         pairs, too_long, _ = tokenize_pairs(rows, tokenizer, template, max_length=10 ** 9)
         if too_long:

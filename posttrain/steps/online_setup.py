@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from posttrain.data.prompts import load_prompt_examples
-from posttrain.data.tokenize import prompt_token_ids
+from posttrain.data.tokenize import chat_template_kwargs, prompt_token_ids
 from posttrain.errors import DataError, RecipeError
 from posttrain.rollout import ENGINES, EngineContext, GenerationEngine, RolloutCollector, SamplingParams
 
@@ -29,7 +29,8 @@ def tokenize_prompts(examples: list, tokenizer, template: str, max_prompt_length
     """Rendered prompt ids (the tokenisation contract's prompt side; the prompt keeps its last tokens)."""
     out = []
     for example in examples:
-        ids = prompt_token_ids(tokenizer, example.prompt, template)
+        ids = prompt_token_ids(tokenizer, example.prompt, template,
+                               chat_template_kwargs(example.extras, example.source, example.row))
         out.append(ids[-max_prompt_length:] if max_prompt_length else ids)
     return out
 
