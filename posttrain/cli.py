@@ -219,7 +219,12 @@ def _inspect(args) -> int:
 
 def _eval(args) -> int:
     from posttrain.eval.api import run_eval
+    from posttrain.eval.generate import run_generation_eval
 
+    if args.generate:
+        if (args.data is None) == (args.builtin is None):
+            raise PosttrainError("posttrain eval --generate: give exactly one of --data PATH or --builtin TASK.")
+        return run_generation_eval(args)
     return run_eval(args)
 
 

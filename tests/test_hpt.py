@@ -128,9 +128,19 @@ def test_hpt_logs_the_shares_of_prompts_trained_by_sft_and_rl(tiny_model_dir, tm
                       rollout={"group_size": 4, "max_new_tokens": 8, "reward_workers": 0},
                       sampler={"name": "uniform", "success_threshold": 0.99},
                       train={"batch_size": 4, "micro_batch_size": 2, "max_steps": 3, "lr": 1e-2},
-                      logging={"report_to": ["jsonl"], "progress_bar": False})
+                      logging={"report_to": ["jsonl"], "progress_bar": False, "completions": True})
     Trainer(recipe_from(raw)).train()
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    rollouts = [json.loads(x) for x in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 3 * 4 * 4  # steps x prompts x G, every rollout logged
+    for step, line in enumerate(lines, start=1):
+        groups = {}
+        for rec in (r for r in rollouts if r["step"] == step):
+            groups.setdefault(rec["prompt_index"], []).append(rec)
+        sft = [g for g in groups.values() if g[0]["trained_by"] == "sft"]
+        assert all(sum(r["success"] for r in g) <= 2 for g in sft)  # the switch: at most gamma = 2 correct
+        assert all(sum(r["success"] for r in g) > 2 for g in groups.values() if g[0]["trained_by"] == "rl")
+        assert len(sft) / len(groups) == pytest.approx(line["hpt/sft_share"])
     assert len(lines) == 3
     for line in lines:
         assert line["hpt/sft_share"] + line["hpt/rl_share"] == pytest.approx(1.0)

@@ -244,10 +244,6 @@ def run_eval(args) -> int:
 
     if (args.data is None) == (args.builtin is None):
         raise PosttrainError("posttrain eval: give exactly one of --data PATH or --builtin TASK.")
-    if args.generate:
-        from posttrain.eval.generate import run_generation_eval
-
-        return run_generation_eval(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     betas = [float(b) for b in args.betas.split(",") if b.strip()]
