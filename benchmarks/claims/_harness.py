@@ -84,6 +84,17 @@ def base_recipe(args, workdir: Path, name: str) -> dict:
     }
 
 
+def online_smoke(base: dict, workdir: Path, steps: int, **rollout) -> dict:
+    """An online recipe's smoke-test stand-in: the tiny model, the `tiny` task (16 prompts, 8 held out), 4 new
+    tokens, rewards in-process, `steps` steps; `rollout` overrides more of the rollout section."""
+    return merge(base, model={"name_or_path": str(tiny_model_dir(workdir))},
+                 data={"train": {"builtin": "tiny", "split": "train", "num_rows": 16},
+                       "heldout": {"builtin": "tiny", "split": "heldout", "num_rows": 8},
+                       "template": "plain", "max_length": 64},
+                 rollout={**base["rollout"], "max_new_tokens": 4, "reward_workers": 0, **rollout},
+                 train={"max_steps": steps, "lr": 1e-2})
+
+
 def merge(base: dict, **sections) -> dict:
     out = copy.deepcopy(base)
     for key, value in sections.items():

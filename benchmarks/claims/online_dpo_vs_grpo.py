@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from _harness import ROOT, merge, parse_args, save, table, tiny_model_dir
+from _harness import ROOT, merge, online_smoke, parse_args, save, table
 from hpt_vs_grpo_sft import heldout_greedy
 
 from posttrain.recipe import load_recipe
@@ -45,12 +45,7 @@ def main() -> None:
     seeds = list(range(args.seeds))
     if args.smoke:
         seeds = [0]
-        base = merge(base, model={"name_or_path": str(tiny_model_dir(workdir))},
-                     data={"train": {"builtin": "tiny", "split": "train", "num_rows": 16},
-                           "heldout": {"builtin": "tiny", "split": "heldout", "num_rows": 8},
-                           "template": "plain", "max_length": 64},
-                     rollout={**base["rollout"], "group_size": 4, "max_new_tokens": 4, "reward_workers": 0},
-                     train={"max_steps": 2, "lr": 1e-2})
+        base = online_smoke(base, workdir, 2, group_size=4)
     heldout = base["data"]["heldout"]
     base["data"]["heldout"] = {**heldout, "num_rows": heldout.get("num_rows", 300)}
     max_new_tokens = base["rollout"]["max_new_tokens"]

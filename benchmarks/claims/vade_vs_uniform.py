@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from _harness import ROOT, mean_std, merge, parse_args, save, table, tiny_model_dir
+from _harness import ROOT, mean_std, merge, online_smoke, parse_args, save, table
 
 from posttrain.recipe import load_recipe
 from posttrain.trainer import Trainer
@@ -52,12 +52,7 @@ def main() -> None:
     seeds = list(range(args.seeds))
     if args.smoke:
         seeds = [0]
-        base = merge(base, model={"name_or_path": str(tiny_model_dir(workdir))},
-                     data={"train": {"builtin": "tiny", "split": "train", "num_rows": 16},
-                           "heldout": {"builtin": "tiny", "split": "heldout", "num_rows": 8},
-                           "template": "plain", "max_length": 64},
-                     rollout={**base["rollout"], "max_new_tokens": 4, "reward_workers": 0},
-                     train={"max_steps": 3, "lr": 1e-2})
+        base = online_smoke(base, workdir, 3)
     runs: dict[str, list[dict]] = {name: [] for name in SAMPLERS}
     for seed in seeds:
         for name in SAMPLERS:
