@@ -57,7 +57,8 @@ class ReferenceConfig:
 class DataSource:
     """One data source: a file/directory of the user's, or a built-in generated task."""
 
-    path: Optional[str] = None
+    path: Optional[str] = None  # a local file or directory, or a Hub dataset id (owner/name; the local cache offline)
+    config: Optional[str] = None  # a Hub dataset's configuration (openai/gsm8k: main)
     builtin: Optional[str] = None  # name of a built-in task, e.g. "arithmetic"
     split: str = "train"  # for built-in tasks: train | heldout; for datasets dirs: the split name
     # pairs: trl | hh | sft (demonstrations, for sft) | kto (unpaired, for kto); prompts (online RL): gsm8k | math | rl | prompt_answer (docs/rewards.md); auto detects

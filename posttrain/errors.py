@@ -12,10 +12,14 @@ class PosttrainError(Exception):
 class RecipeError(PosttrainError):
     """The recipe (YAML or --set override) is invalid: one or more `problems`, reported together."""
 
-    def __init__(self, *problems: str):
+    def __init__(self, *problems: str, source: str = ""):
         self.problems = list(problems)
-        super().__init__(problems[0] if len(problems) == 1 else
-                         f"the recipe has {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:
+            message = f"recipe {source}: {problems[0]}" if source else problems[0]
+        else:
+            message = (f"the recipe{' ' + source if source else ''} has {len(problems)} problems:\n"
+                       + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(message)
 
 
 class DataError(PosttrainError):

@@ -21,6 +21,28 @@ from posttrain.samplers import SAMPLERS
 from posttrain.typed import build_dataclass
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (PyYAML would keep the last one silently)."""
+
+
+def _mapping_without_repeats(loader: _RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            repeated = key in seen
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if repeated:
+            raise yaml.constructor.ConstructorError("while reading a section", node.start_mark,
+                                                    f"found key {key!r} a second time", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def tracker_problems(logging) -> list[str]:
     """Unknown tracker names, trackers whose package is not installed, and kwargs for trackers not reported to."""
     import importlib.util
@@ -62,7 +84,6 @@ def _range_problems(recipe: Recipe) -> list[str]:
         (recipe.logging.every >= 1, f"logging.every must be at least 1, got {recipe.logging.every}."),
         (recipe.eval.every >= 0, f"eval.every must be >= 0, got {recipe.eval.every}."),
         (recipe.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {recipe.checkpoint.every}."),
-        (len(recipe.loss) >= 1, "loss must name at least one loss."),
         (recipe.rollout.group_size >= 2, f"rollout.group_size must be at least 2 (a group baseline needs two "
                                          f"completions), got {recipe.rollout.group_size}."),
         (recipe.rollout.max_new_tokens >= 1, f"rollout.max_new_tokens must be at least 1, got "
@@ -139,7 +160,9 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Optional[list[str]
             if not p.is_file():
                 raise RecipeError(f"recipe file {str(p)!r} does not exist.")
             try:
-                raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+                raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
+            except UnicodeDecodeError as exc:
+                raise RecipeError(f"recipe {str(p)!r} is not UTF-8 text (invalid byte at offset {exc.start}).") from None
             except yaml.YAMLError as exc:
                 raise RecipeError(f"recipe {str(p)!r} is not valid YAML: {exc}") from None
             if not isinstance(raw, dict):
@@ -157,7 +180,7 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Optional[list[str]
     except RecipeError as exc:
         problems += exc.problems
     if problems:
-        raise RecipeError(*problems)  # every mistake at once, not the first
+        raise RecipeError(*problems, source=str(path) if path is not None else "")  # every mistake at once
     return recipe
 
 

@@ -67,3 +67,10 @@ def cli_stderr(capsys):
     logger.handlers.clear()
     yield capsys
     logger.handlers[:] = saved
+
+
+def pytest_terminal_summary(terminalreporter):
+    fuzz = sys.modules.get("test_fuzz_inputs")
+    if fuzz is not None and fuzz.FUZZ["inputs"]:
+        terminalreporter.write_line(f"fuzz: {fuzz.FUZZ['inputs']} generated inputs (data files, prompt files, "
+                                    f"recipes) in {fuzz.FUZZ['seconds']:.1f} s")

@@ -44,3 +44,17 @@ def write_varied_pairs(path: Path, n: int = 8) -> Path:
             handle.write(json.dumps({"prompt": f"Question {i}: list some words.", "chosen": " " + chosen,
                                      "rejected": " " + rejected}) + "\n")
     return path
+
+
+def perturbed_lora_adapter(smollm2_dir: Path, directory: Path) -> Path:
+    """A LoRA adapter on SmolLM2 with small random A and B, so that it changes some answers but not all."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir))
+    config = LoraConfig(r=8, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(directory)
+    return directory

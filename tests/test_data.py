@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import ROOT, SHARED_DATA
 from posttrain.config import DataConfig, DataSource
 from posttrain.data.layout import build_pair_rows
 from posttrain.data.readers import HH_SPLIT, PreferenceRow, handle_invalid, load_preference_rows
@@ -662,3 +665,68 @@ def test_plain_rows_of_real_pairs_loss_mask_covers_completion_tokens(tokenizer):
             assert (ids[length:] == pad).all()
     assert batch["input_ids"].shape[1] == max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
                                               for p in pairs)
+
+
+HUB_SCRIPT = r'''
+import json, sys
+from posttrain.config import DataConfig, DataSource
+from posttrain.data.prompts import load_prompt_examples
+from posttrain.data.readers import load_preference_rows
+from posttrain.errors import DataError
+
+out = {}
+rows, invalid = load_preference_rows("someone/tiny-prefs", split="train")
+out["train"] = [[r.prompt, r.chosen, r.rejected] for r in rows]
+out["invalid"] = [str(bad) for bad in invalid]
+rows, invalid = load_preference_rows("someone/tiny-prefs", split="test")
+out["test"] = len(rows)
+examples, skipped = load_prompt_examples("someone/tiny-prefs", split="test")
+out["prompts"] = [e.prompt for e in examples]
+for name, path, split in [("missing", "someone/missing", "train"), ("no_split", "someone/tiny-prefs", "validation")]:
+    try:
+        load_preference_rows(path, split=split)
+    except DataError as exc:
+        out[name] = str(exc)
+print(json.dumps(out))
+'''
+
+
+def _hub_cache_entry(cache, tmp_path, repo_id: str, splits: dict[str, list[dict]]) -> None:
+    """A dataset in the local datasets cache as `load_dataset(repo_id)` leaves it: Arrow files and
+    dataset_info.json under <cache>/<owner>___<name>/default/0.0.0/<hash>/ (built by datasets' json builder)."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    files = {}
+    for split, records in splits.items():
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    builder = Json(cache_dir=str(tmp_path / "build"), data_files=files)
+    builder.download_and_prepare()
+    owner, name = repo_id.split("/")
+    target = cache / f"{owner}___{name}" / "default" / "0.0.0" / "0123456789abcdef"
+    shutil.copytree(builder.cache_dir, target)
+    for arrow in target.glob("json-*.arrow"):
+        arrow.rename(target / arrow.name.replace("json-", f"{name}-", 1))
+
+
+def test_a_hub_dataset_id_loads_from_the_local_cache_offline_and_a_missing_one_is_one_paragraph(tmp_path):
+    cache = tmp_path / "cache"
+    train = [{"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}, {"prompt": "1 + 1 =", "chosen": " 2",
+                                                                      "rejected": " 2"}]
+    test = [{"prompt": "3 + 3 =", "chosen": " 6", "rejected": " 7"}]
+    _hub_cache_entry(cache, tmp_path, "someone/tiny-prefs", {"train": train, "test": test})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", HUB_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["train"] == [["2 + 2 =", " 4", " 5"]] and out["test"] == 1 and out["prompts"] == ["3 + 3 ="]
+    assert out["invalid"] == ["someone/tiny-prefs (Hub dataset, split train), row 2, field 'rejected': chosen and "
+                              "rejected are identical"]
+    for key in ("missing", "no_split"):
+        assert "local datasets cache" in out[key] and "offline mode" in out[key] and "Traceback" not in out[key]
+    assert "'someone/missing'" in out["missing"] and "split 'train'" in out["missing"]
+    assert "split 'validation'" in out["no_split"] and "validation" in out["no_split"].split(": ", 2)[-1]
+    print(out["missing"], out["no_split"], sep="\n")

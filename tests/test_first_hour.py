@@ -147,16 +147,6 @@ def test_the_module_search_path_is_listed_once(tmp_path, monkeypatch):
     assert searched == str(tmp_path.resolve())
 
 
-def test_a_hub_dataset_id_as_data_path_says_posttrain_reads_local_files(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", data={"train": {"path": "Anthropic/hh-rlhf"}, "heldout": None})
-    with pytest.raises(DataError) as info:
-        Trainer(recipe_from(raw)).setup()
-    message = str(info.value)
-    assert "'Anthropic/hh-rlhf' looks like a Hugging Face Hub dataset id" in message
-    assert "datasets.load_dataset('Anthropic/hh-rlhf').save_to_disk(DIR)" in message
-
-
 # -------------------------------------------------------------------------------------------- final adapter
 def test_the_final_adapter_names_a_portable_base_model(smollm2_dir, tiny_model_dir, tmp_path):
     """The built-in alias becomes HuggingFaceTB/SmolLM2-135M-Instruct (its README says the weights were

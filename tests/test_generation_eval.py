@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import perturbed_lora_adapter
+from posttrain import cli
 from posttrain.eval.generate import majority_success, pass_at_k
 from posttrain.rollout import RolloutRecord
 
@@ -44,40 +46,28 @@ def test_majority_vote_takes_the_most_frequent_answer_and_the_first_seen_on_a_ti
     assert not majority_success([_record(None, False)])
 
 
-def _perturbed_adapter(smollm2_dir: Path, directory: Path) -> Path:
-    """A LoRA adapter on SmolLM2 with small random A and B, so that it changes some answers but not all."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir))
-    config = LoraConfig(r=8, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(directory)
-    return directory
-
-
 @pytest.mark.slow
 def test_lm_eval_scores_an_adapter_as_posttrain_does_and_pass_at_k_follows_the_samples(smollm2_dir, tmp_path):
-    adapter = _perturbed_adapter(smollm2_dir, tmp_path / "adapter")
+    adapter = perturbed_lora_adapter(smollm2_dir, tmp_path / "adapter")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     common = ["--builtin", "addition", "--max-prompts", "10", "--max-new-tokens", "16"]
-    task = subprocess.run([sys.executable, "-m", "posttrain", "lm-eval-task", *common, "--output", str(tmp_path / "task")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert task.returncode == 0, task.stderr
-    ours = subprocess.run([sys.executable, "-m", "posttrain", "eval", "--generate", *common, "--format", "chat",
-                           "--adapter", str(adapter), "--model", str(smollm2_dir), "--samples", "4", "--threads", "1",
-                           "--output", str(tmp_path / "ours")], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert ours.returncode == 0, ours.stderr
-    theirs = subprocess.run(["lm-eval" if not (Path(sys.executable).parent / "lm-eval").exists()
-                             else str(Path(sys.executable).parent / "lm-eval"), "run", "--model", "hf",
-                             "--model_args", f"pretrained={smollm2_dir},peft={adapter},dtype=float32",
-                             "--include_path", str(tmp_path / "task"), "--tasks", "posttrain_local",
-                             "--apply_chat_template", "--batch_size", "10", "--log_samples",
-                             "--output_path", str(tmp_path / "lm_eval")],
-                            capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
-    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    assert cli.main(["lm-eval-task", *common, "--output", str(tmp_path / "task")]) == 0
+    # posttrain's eval and the harness run side by side (one thread each)
+    ours = subprocess.Popen([sys.executable, "-m", "posttrain", "eval", "--generate", *common, "--format", "chat",
+                             "--adapter", str(adapter), "--model", str(smollm2_dir), "--samples", "4", "--threads",
+                             "1", "--output", str(tmp_path / "ours")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    theirs = subprocess.Popen(["lm-eval" if not (Path(sys.executable).parent / "lm-eval").exists()
+                               else str(Path(sys.executable).parent / "lm-eval"), "run", "--model", "hf",
+                               "--model_args", f"pretrained={smollm2_dir},peft={adapter},dtype=float32",
+                               "--include_path", str(tmp_path / "task"), "--tasks", "posttrain_local",
+                               "--apply_chat_template", "--batch_size", "10", "--log_samples",
+                               "--output_path", str(tmp_path / "lm_eval")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    ours_out, ours_err = ours.communicate(timeout=600)
+    theirs_err = theirs.communicate(timeout=600)[1]
+    assert ours.returncode == 0, ours_err
+    assert theirs.returncode == 0, theirs_err[-3000:]
     records = [json.loads(x) for x in (tmp_path / "ours" / "completions.jsonl").read_text().splitlines()]
     greedy = [r for r in records if r["kind"] == "greedy"]
     [samples_file] = list((tmp_path / "lm_eval").glob("*/samples_posttrain_local_*.jsonl"))
@@ -107,4 +97,4 @@ def test_lm_eval_scores_an_adapter_as_posttrain_does_and_pass_at_k_follows_the_s
             votes += next(r["success"] for r in v if r["extracted"] == winner)
     assert report["maj@4"] == pytest.approx(votes / 10, abs=1e-12)
     assert report["pass@1_sampled"] == pytest.approx(sum(r["success"] for v in by_prompt.values() for r in v) / 40)
-    assert "greedy pass@1" in ours.stdout and "maj@4" in ours.stdout
+    assert "greedy pass@1" in ours_out and "maj@4" in ours_out

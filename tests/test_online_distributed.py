@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,10 @@ def test_zero3_online_run_with_unequal_generation_lengths_checkpoints_and_resume
         recipes[name] = tmp_path / f"{name}.yaml"
         recipes[name].write_text(yaml.safe_dump(raw))
 
-    full = _launch(recipes["full"], port=29531)
+    with ThreadPoolExecutor(2) as pool:  # the uninterrupted run and the killed one side by side
+        full_run = pool.submit(_launch, recipes["full"], port=29531)
+        killed_run = pool.submit(_launch, recipes["killed"], env={"POSTTRAIN_KILL_AFTER_CHECKPOINT": "2"}, port=29533)
+        full, killed = full_run.result(), killed_run.result()
     assert full.returncode == 0, full.stderr[-4000:]
     steps = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in steps if "reward/mean" in m]
@@ -86,7 +90,6 @@ def test_zero3_online_run_with_unequal_generation_lengths_checkpoints_and_resume
     assert all(m["time/gather_parameters"] >= 0 for m in train)
     assert json.loads((tmp_path / "full" / "run.json").read_text())["world_size"] == 2
 
-    killed = _launch(recipes["killed"], env={"POSTTRAIN_KILL_AFTER_CHECKPOINT": "2"}, port=29533)
     assert killed.returncode != 0 and not (tmp_path / "killed" / "summary.json").exists()
     resumed = _launch(recipes["killed"], "--resume", port=29535)
     assert resumed.returncode == 0, resumed.stderr[-4000:]

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from helpers import recipe_from, tiny_recipe, write_varied_pairs
+from posttrain import cli
 from posttrain.plan import shard_for_rank
 from posttrain.trainer import Trainer
 
@@ -174,18 +175,18 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tiny_model_di
     assert any(w.abs().max() > 0 for k, w in wa.items() if "lora_B" in k)
 
 
-def test_resume_refuses_a_changed_recipe(tiny_model_dir, tmp_path):
+def test_resume_refuses_a_changed_recipe(tiny_model_dir, tmp_path, cli_stderr):
     raw = tiny_recipe(tiny_model_dir, tmp_path / "run", train={"max_steps": 2, "batch_size": 8, "micro_batch_size": 8},
                       data={"heldout": None}, logging={"report_to": ["jsonl"], "progress_bar": False})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert _train_cli(path).returncode == 0
-    changed = _train_cli(path, "--resume", "--set", "train.lr=0.5")
-    assert changed.returncode == 2
-    assert "train.lr: 0.01 in the checkpoint, 0.5 now" in changed.stderr and "--force" in changed.stderr
-    assert "Traceback" not in changed.stderr
-    again = _train_cli(path)
-    assert again.returncode == 2 and "--resume" in again.stderr
+    assert cli.main(["train", str(path)]) == 0
+    cli_stderr.readouterr()
+    assert cli.main(["train", str(path), "--resume", "--set", "train.lr=0.5"]) == 2
+    changed = cli_stderr.readouterr().err
+    assert "train.lr: 0.01 in the checkpoint, 0.5 now" in changed and "--force" in changed
+    assert "Traceback" not in changed
+    assert cli.main(["train", str(path)]) == 2 and "--resume" in cli_stderr.readouterr().err
 
 
 def test_resume_with_force_after_raising_max_steps_follows_the_new_schedule(tiny_model_dir, tmp_path):

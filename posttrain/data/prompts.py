@@ -30,7 +30,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from posttrain.data.readers import InvalidRow, handle_invalid, is_messages, parse_records, write_skipped_rows
+from posttrain.data.readers import (InvalidRow, handle_invalid, is_messages, message_problem, parse_records,
+                                   write_skipped_rows)
 from posttrain.errors import DataError, RecipeError
 from posttrain.examples import PromptExample
 
@@ -51,9 +52,8 @@ def _check_prompt(value: Any, source: str, row: int, name: str) -> Optional[Inva
     if is_messages(value):
         if not value:
             return InvalidRow(source, row, name, "empty prompt (no messages)")
-        for i, message in enumerate(value):
-            if not isinstance(message["content"], str):
-                return InvalidRow(source, row, name, f"message {i + 1}: content must be a string")
+        if message_problem(value):
+            return InvalidRow(source, row, name, message_problem(value))
         if not any(message["content"].strip() for message in value):
             return InvalidRow(source, row, name, "empty prompt (every message is empty)")
         return None
@@ -176,17 +176,17 @@ def _builtin_examples(name: str, split: str) -> list[PromptExample]:
             for r in builtin_rows(name, split)]
 
 
-def _read_examples(path: str, fmt: str, split: str) -> tuple[list[PromptExample], list[InvalidRow]]:
+def _read_examples(path: str, fmt: str, split: str, config: Optional[str]) -> tuple[list[PromptExample], list[InvalidRow]]:
     def choose(record, source, number):
         return PROMPT_FORMATS[detect_prompt_format(record, source, number) if fmt == "auto" else fmt]
 
-    return parse_records(path, split, choose, "prompts")
+    return parse_records(path, split, choose, "prompts", config=config)
 
 
 def load_prompt_examples(path: str, fmt: str = "auto", split: str = "train", start: int = 0,
                          limit: Optional[int] = None, invalid_rows: str = "error",
                          skipped_path: Optional[Path] = None,
-                         what: str = "prompt data") -> tuple[list[PromptExample], int]:
+                         what: str = "prompt data", config: Optional[str] = None) -> tuple[list[PromptExample], int]:
     """Read and validate every row of `path` (or a "builtin:<task>"); returns (examples, number of skipped
     rows). `invalid_rows`: "error" raises a DataError naming the first bad row's file, row and field; "skip"
     leaves bad rows out, logs them and appends them to `skipped_path`. `what` names the data in messages."""
@@ -201,7 +201,7 @@ def load_prompt_examples(path: str, fmt: str = "auto", split: str = "train", sta
     if path.startswith("builtin:"):
         examples, invalid = _builtin_examples(path.removeprefix("builtin:"), split), []
     else:
-        examples, invalid = _read_examples(path, fmt, split)
+        examples, invalid = _read_examples(path, fmt, split, config)
     handle_invalid(invalid, invalid_rows, what)
     write_skipped_rows(invalid, skipped_path, what)
     examples = examples[start:] if limit is None else examples[start:start + limit]

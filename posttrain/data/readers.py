@@ -1,4 +1,5 @@
-"""Read preference pairs from JSONL, JSON, parquet or a `datasets` directory.
+"""Read preference pairs from JSONL, JSON, parquet, a `datasets` directory, or a Hub dataset id (`owner/name`,
+loaded through `datasets`: from the local cache when offline).
 
 Formats (detected per file from the first row's fields, or fixed by `format:`):
 - "trl": TRL's standard preference format, `prompt` / `chosen` / `rejected`, each a string or a list of
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -49,6 +51,64 @@ class InvalidRow:
 
     def __str__(self) -> str:
         return f"{self.source}, row {self.row}, field {self.field!r}: {self.reason}"
+
+
+class RepeatedKeys(dict):
+    """A JSON object that gave a key more than once (JSON keeps only the last value)."""
+
+    repeated: list[str]
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        record = RepeatedKeys(record)
+        record.repeated = [key for key, count in Counter(key for key, _ in pairs).items() if count > 1]
+    return record
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_json_object)
+
+
+def _value_problem(value: Any) -> Optional[str]:
+    """What makes a parsed value unusable although it is valid JSON: a key given twice in an object, or a
+    string with an unpaired surrogate (an escape like \\ud800 that encodes no character)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"holds an unpaired surrogate ({value[exc.start]!r}), which is not text; fix that escape"
+        return None
+    if isinstance(value, RepeatedKeys):
+        return f"key {value.repeated[0]!r} is given twice in one object (JSON would keep only the last value)"
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        problem = _value_problem(item)
+        if problem:
+            return problem
+    return None
+
+
+def record_problem(record: dict) -> Optional[tuple[str, str]]:
+    """(field, reason) of the first unusable value in a record (see `_value_problem`), or None."""
+    if isinstance(record, RepeatedKeys):
+        return record.repeated[0], "given twice in the row (JSON would keep only the last value); remove one"
+    for name, value in record.items():
+        problem = _value_problem(value)
+        if problem:
+            return name, problem
+    return None
+
+
+def message_problem(messages: list) -> Optional[str]:
+    """Why a list of {role, content} messages cannot be rendered, or None: role and content must be text."""
+    for i, message in enumerate(messages):
+        for key in ("role", "content"):
+            if not isinstance(message[key], str):
+                return f"message {i + 1}: {key} must be a string, got {type(message[key]).__name__}"
+        if not message["role"]:
+            return f"message {i + 1}: empty role"
+    return None
 
 
 def iter_raw_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
@@ -87,7 +147,7 @@ def iter_raw_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
                         f"as UTF-8.") from None
     if text.lstrip().startswith("["):  # one JSON array of rows (whatever the suffix: also a .jsonl saved as JSON)
         try:
-            records = json.loads(text)
+            records = _loads(text)
         except json.JSONDecodeError as exc:
             if suffix == ".json":
                 raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg.removesuffix(' at')}.") from None
@@ -102,20 +162,37 @@ def iter_raw_rows(path: Path, split: str) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield i + 1, json.loads(line)
+            yield i + 1, _loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}, line {i + 1}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}). Fix or remove "
                             f"that line.") from None
 
 
-def hub_id_hint(path: str) -> str:
-    """A sentence for a missing path that looks like a Hugging Face Hub dataset id (`owner/name`)."""
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not Path(path).suffix:
-        return (f" {path!r} looks like a Hugging Face Hub dataset id: posttrain reads local files (JSON Lines, JSON, "
-                f"parquet or a `save_to_disk` directory) and no hub. On a machine with the hub, run "
-                f"`datasets.load_dataset({str(path)!r}).save_to_disk(DIR)` and set data.path to DIR "
-                f"(docs/data.md lists the formats).")
-    return ""
+def is_hub_id(path: str) -> bool:
+    """Whether a data path that is not a local file names a Hugging Face Hub dataset (`owner/name`)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(path))) and not Path(path).suffix
+
+
+def iter_hub_rows(repo_id: str, split: str, config: Optional[str]) -> Iterator[tuple[int, Any]]:
+    """(row_number, record) of a Hub dataset through `datasets.load_dataset`: from the Hub, or from the local
+    datasets cache when offline (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1). Any failure is one DataError."""
+    import datasets
+    from datasets import config as datasets_config
+
+    try:
+        ds = datasets.load_dataset(repo_id, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user gets one paragraph
+        reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+        where = (f"the local datasets cache ({datasets_config.HF_DATASETS_CACHE}; offline mode)"
+                 if datasets_config.HF_HUB_OFFLINE else f"the Hub or the local datasets cache "
+                                                         f"({datasets_config.HF_DATASETS_CACHE})")
+        raise DataError(f"data path {repo_id!r} is not a local file, and as a Hub dataset id"
+                        f"{f' (config {config!r})' if config else ''}, split {split!r}, it could not be loaded from "
+                        f"{where}: {reason}. On a machine with the Hub, `datasets.load_dataset({repo_id!r})` caches "
+                        f"it (then set HF_HUB_OFFLINE=1 here), or save it to a local file and set data.path to it "
+                        f"(docs/data.md).") from None
+    for i, record in enumerate(ds):
+        yield i + 1, record
 
 
 def is_messages(value: Any) -> bool:
@@ -176,6 +253,8 @@ def _parse_trl(record: dict, source: str, row: int) -> Union[PreferenceRow, Inva
             return InvalidRow(source, row, "prompt", "empty prompt")
     if not (isinstance(prompt, str) or is_messages(prompt)):
         return InvalidRow(source, row, "prompt", "must be a string or a list of {role, content} messages")
+    if isinstance(prompt, list) and message_problem(prompt):
+        return InvalidRow(source, row, "prompt", message_problem(prompt))
     c_text, r_text = _assistant_text(chosen), _assistant_text(rejected)
     if c_text is None:
         return InvalidRow(source, row, "chosen", "must be a string or a single assistant message")
@@ -211,6 +290,8 @@ def _parse_sft(record: dict, source: str, row: int) -> Union[PreferenceRow, Inva
         if not (is_messages(messages) and len(messages) >= 2 and messages[-1]["role"] == "assistant"):
             return InvalidRow(source, row, "messages", "must be a list of {role, content} messages ending in the "
                                                        "assistant's, after at least one other")
+        if message_problem(messages):
+            return InvalidRow(source, row, "messages", message_problem(messages))
         prompt, completion = messages[:-1], messages[-1:]
     else:
         for name in ("prompt", "completion"):
@@ -219,6 +300,8 @@ def _parse_sft(record: dict, source: str, row: int) -> Union[PreferenceRow, Inva
         prompt, completion = record["prompt"], record["completion"]
     if not (isinstance(prompt, str) or is_messages(prompt)):
         return InvalidRow(source, row, "prompt", "must be a string or a list of {role, content} messages")
+    if isinstance(prompt, list) and message_problem(prompt):
+        return InvalidRow(source, row, "prompt", message_problem(prompt))
     text = _assistant_text(completion)
     if text is None:
         return InvalidRow(source, row, "completion", "must be a string or a single assistant message")
@@ -232,6 +315,8 @@ def _parse_kto(record: dict, source: str, row: int) -> Union[PreferenceRow, Inva
     parsed = _parse_sft({k: v for k, v in record.items() if k != "label"}, source, row)
     if isinstance(parsed, InvalidRow):
         return parsed
+    if "label" not in record:
+        return InvalidRow(source, row, "label", _missing(record))
     label = record["label"]
     if not isinstance(label, bool) and label not in (0, 1):
         return InvalidRow(source, row, "label", f"must be true (desirable) or false (undesirable), got {label!r}")
@@ -292,23 +377,30 @@ def write_skipped_rows(invalid: list[InvalidRow], path: Optional[Path], what: st
                                      "reason": item.reason}) + "\n")
 
 
-def parse_records(path: str, split: str, choose_parser: Callable, what: str,
-                  limit: Optional[int] = None) -> tuple[list, list[InvalidRow]]:
-    """Read every record of `path` and parse it with the parser that `choose_parser(record, source, row)` picks
+def parse_records(path: str, split: str, choose_parser: Callable, what: str, limit: Optional[int] = None,
+                  config: Optional[str] = None) -> tuple[list, list[InvalidRow]]:
+    """Read every record of `path` (a local file or directory, else a Hub dataset id with its `config`) and parse it with the parser that `choose_parser(record, source, row)` picks
     from the first record. A parser returns a valid item or an InvalidRow. Returns (valid items, invalid rows);
     stops after `limit` valid items. `what` names the contents in the empty-file error ("preference pairs")."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"data path {path!r} does not exist (working directory {Path.cwd()}).{hub_id_hint(path)}")
-    source = str(p)
+    if p.exists():
+        source, raw_rows = str(p), iter_raw_rows(p, split)
+    elif is_hub_id(path):
+        source, raw_rows = f"{path} (Hub dataset, split {split})", iter_hub_rows(path, split, config)
+    else:
+        raise DataError(f"data path {path!r} does not exist (working directory {Path.cwd()}).")
     items: list = []
     invalid: list[InvalidRow] = []
     parser = None
     records = 0
-    for number, record in iter_raw_rows(p, split):
+    for number, record in raw_rows:
         records += 1
         if not isinstance(record, dict):
             invalid.append(InvalidRow(source, number, "(row)", f"expected a JSON object, got {type(record).__name__}"))
+            continue
+        problem = record_problem(record)
+        if problem:
+            invalid.append(InvalidRow(source, number, *problem))
             continue
         if parser is None:
             parser = choose_parser(record, source, number)
@@ -321,8 +413,8 @@ def parse_records(path: str, split: str, choose_parser: Callable, what: str,
     return items, invalid
 
 
-def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
-                         limit: Optional[int] = None) -> tuple[list[PreferenceRow], list[InvalidRow]]:
+def load_preference_rows(path: str, fmt: str = "auto", split: str = "train", limit: Optional[int] = None,
+                         config: Optional[str] = None) -> tuple[list[PreferenceRow], list[InvalidRow]]:
     """Read and validate every row of `path`. Returns (valid rows, invalid rows)."""
     def choose(record, source, number):
         kind = detect_format(record, source, number) if fmt == "auto" else fmt
@@ -333,4 +425,4 @@ def load_preference_rows(path: str, fmt: str = "auto", split: str = "train",
             return (validate_row(parsed) or parsed) if isinstance(parsed, PreferenceRow) else parsed
         return parse
 
-    return parse_records(path, split, choose, "preference pairs", limit)
+    return parse_records(path, split, choose, "preference pairs", limit, config)

@@ -18,7 +18,7 @@ def load_pairs(source, data_cfg, tokenizer, seed: int = 0, what: str = "data.tra
     if source.builtin:
         rows, invalid = builtin_rows(source.builtin, source.split, source.num_rows, seed), []
     else:
-        rows, invalid = load_preference_rows(source.path, source.format, source.split)
+        rows, invalid = load_preference_rows(source.path, source.format, source.split, config=source.config)
     handle_invalid(invalid, data_cfg.invalid_rows, what)
     rows = rows[source.start:]
     if source.limit is not None:

@@ -101,6 +101,24 @@ def as_text(prompt) -> str:
     return "".join(f"\n\n{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt) + "\n\nAssistant:"
 
 
+# apply_chat_template's own parameters, which a row's `chat_template_kwargs` cannot set
+TEMPLATE_CALL_PARAMETERS = ("conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot render a row's messages (the template's own exception, or a value it cannot use)."""
+
+
+def apply_template(tokenizer, messages: list[dict], **kwargs) -> str:
+    """The chat template's text for `messages`, its failures as ChatTemplateError."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - jinja's errors, and TypeErrors of a template given odd values
+        raise ChatTemplateError(f"{type(exc).__name__}: {exc}") from None
+
+
 def chat_template_kwargs(extras: dict, source: str, row: int) -> dict:
     """What a row gives the chat template besides its messages, as TRL passes it: `tools` (a list of function
     schemas, or its JSON text) and `chat_template_kwargs` (a mapping)."""
@@ -123,6 +141,11 @@ def chat_template_kwargs(extras: dict, source: str, row: int) -> dict:
         if not isinstance(extra, dict):
             raise DataError(f"{source}, row {row}: field 'chat_template_kwargs' must be an object, got "
                             f"{type(extra).__name__}.")
+        reserved = sorted(set(extra) & set(TEMPLATE_CALL_PARAMETERS))
+        if reserved:
+            raise DataError(f"{source}, row {row}: field 'chat_template_kwargs' sets {reserved[0]!r}, which posttrain "
+                            f"sets itself when it renders the chat template; give only the template's own variables "
+                            f"(for example enable_thinking).")
         kwargs.update(extra)
     return kwargs
 
@@ -130,8 +153,7 @@ def chat_template_kwargs(extras: dict, source: str, row: int) -> dict:
 def render_prompt(tokenizer, prompt, template: str, chat_kwargs: Optional[dict] = None) -> str:
     """The prompt as the model sees it before its response (generation prompt included for chat)."""
     if uses_chat_template(prompt, template):
-        return tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True,
-                                             **(chat_kwargs or {}))
+        return apply_template(tokenizer, as_messages(prompt), add_generation_prompt=True, **(chat_kwargs or {}))
     return as_text(prompt)
 
 
@@ -140,6 +162,17 @@ def prompt_token_ids(tokenizer, prompt, template: str, chat_kwargs: Optional[dic
     tokenizer's (as TRL tokenises each)."""
     chat = uses_chat_template(prompt, template)
     return tokenizer(render_prompt(tokenizer, prompt, template, chat_kwargs), add_special_tokens=not chat)["input_ids"]
+
+
+def example_prompt_ids(tokenizer, example, template: str) -> list[int]:
+    """Token ids of a prompt example (online data, generation eval), with the row's tools and template
+    variables; a prompt the chat template cannot render is a DataError naming the file and row."""
+    chat_kwargs = chat_template_kwargs(example.extras, example.source, example.row)
+    try:
+        return prompt_token_ids(tokenizer, example.prompt, template, chat_kwargs)
+    except ChatTemplateError as exc:
+        raise DataError(f"{example.source}, row {example.row}: the chat template cannot render this prompt ({exc}). "
+                        f"Fix the row's messages, or set data.template: plain.") from None
 
 
 class NotPrefixPreserving(ValueError):
@@ -154,9 +187,8 @@ def _render_with_response(tokenizer, prompt, response: str, chat: bool,
     if chat:
         messages = as_messages(prompt)
         kwargs = chat_kwargs or {}
-        text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False,
-                                             **kwargs)
-        head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        text = apply_template(tokenizer, messages + [{"role": "assistant", "content": response}], **kwargs)
+        head = apply_template(tokenizer, messages, add_generation_prompt=True, **kwargs)
         shared = next((k for k, (a, b) in enumerate(zip(head, text)) if a != b), min(len(head), len(text)))
         if shared < len(head):
             raise NotPrefixPreserving(
@@ -215,17 +247,21 @@ def tokenize_pairs(rows: list[PreferenceRow], tokenizer, template: str = "auto",
     for row in rows:
         chat = uses_chat_template(row.prompt, template)
         kwargs = chat_template_kwargs(row.extras, row.source, row.row) if chat else {}
-        prompt_ids = _encode(tokenizer, render_prompt(tokenizer, row.prompt, template, kwargs), chat)[0]
+        try:
+            prompt_ids = _encode(tokenizer, render_prompt(tokenizer, row.prompt, template, kwargs), chat)[0]
+            rendered = [_render_with_response(tokenizer, row.prompt, response, chat, kwargs)
+                        for response in (row.chosen, row.rejected)]
+        except NotPrefixPreserving as exc:
+            raise DataError(f"{row.source}, row {row.row}: the chat template is not prefix-preserving for this "
+                            f"row's turns: {exc}, so the completion's tokens would not be the response. Use a "
+                            f"template that renders a prompt the same with or without the response after it "
+                            f"(e.g. one that does not drop earlier turns' reasoning or add an empty thinking "
+                            f"block to the generation prompt), or data.template: plain.") from None
+        except ChatTemplateError as exc:
+            raise DataError(f"{row.source}, row {row.row}: the chat template cannot render this row ({exc}). Fix "
+                            f"the row's messages, or set data.template: plain.") from None
         completions = []
-        for response in (row.chosen, row.rejected):
-            try:
-                text, response_end = _render_with_response(tokenizer, row.prompt, response, chat, kwargs)
-            except NotPrefixPreserving as exc:
-                raise DataError(f"{row.source}, row {row.row}: the chat template is not prefix-preserving for this "
-                                f"row's turns: {exc}, so the completion's tokens would not be the response. Use a "
-                                f"template that renders a prompt the same with or without the response after it "
-                                f"(e.g. one that does not drop earlier turns' reasoning or add an empty thinking "
-                                f"block to the generation prompt), or data.template: plain.") from None
+        for text, response_end in rendered:
             ids, offsets = _encode(tokenizer, text, chat)
             completions.append((ids, _tail_tokens(offsets, response_end)))
         shared = min(_common_prefix(prompt_ids, ids) for ids, _ in completions)

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from posttrain.data.readers import hub_id_hint
+from posttrain.data.readers import is_hub_id
 from posttrain.data.tokenize import TokenizedPair
 from posttrain.errors import DataError, ModelError, PosttrainError
 from posttrain.eval.metrics import ranking_metrics
@@ -191,7 +191,7 @@ def _load_eval_pairs(args, tokenizer, template: str) -> EvalPairs:
 
     excluded: dict = {}
     vote_counts = None
-    if is_pandalm(args.data) if args.data is not None else False:
+    if args.data is not None and Path(args.data).expanduser().is_file() and is_pandalm(args.data):
         rows, votes = pandalm_rows(args.data)
         rows = rows[args.start:]
         pairs, too_long, _ = tokenize_pairs(rows, tokenizer, template, args.max_length)
@@ -251,9 +251,8 @@ def run_eval(args) -> int:
         raise PosttrainError(f"--betas must be positive numbers separated by commas, got {args.betas!r}.")
     if not 0 < args.alpha <= 1:
         raise PosttrainError(f"--alpha must be in (0, 1], got {args.alpha}.")
-    if args.data is not None and not Path(args.data).expanduser().exists():
-        raise DataError(f"--data {args.data!r} does not exist (working directory {Path.cwd()})."
-                        f"{hub_id_hint(args.data)}")
+    if args.data is not None and not Path(args.data).expanduser().exists() and not is_hub_id(args.data):
+        raise DataError(f"--data {args.data!r} does not exist (working directory {Path.cwd()}).")
     adapter = resolve_adapter(args.adapter) if args.adapter else None
     template, template_source = eval_template(args, adapter[2] if adapter else None)
     tokenizer = load_tokenizer(args.model)

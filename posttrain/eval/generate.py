@@ -129,7 +129,8 @@ def run_generation_eval(args) -> int:
     """The body of `posttrain eval --generate` (see posttrain.cli for the options)."""
     from posttrain.config import RewardTerm
     from posttrain.data.prompts import load_prompt_examples
-    from posttrain.data.tokenize import chat_template_kwargs, prompt_token_ids
+    from posttrain.data.readers import is_hub_id
+    from posttrain.data.tokenize import example_prompt_ids
     from posttrain.errors import DataError, PosttrainError
     from posttrain.eval.api import eval_template, resolve_adapter
     from posttrain.models import load_tokenizer
@@ -144,14 +145,13 @@ def run_generation_eval(args) -> int:
     template, why = eval_template(args, adapter[2] if adapter else None,
                                   ("auto", "the default: chat messages through the chat template, text as is"))
     path = args.data if args.data is not None else f"builtin:{args.builtin}"
-    if args.data is not None and not Path(args.data).expanduser().exists():
+    if args.data is not None and not Path(args.data).expanduser().exists() and not is_hub_id(args.data):
         raise DataError(f"--data {args.data!r} does not exist (working directory {Path.cwd()}).")
     examples, _ = load_prompt_examples(path, "auto", args.split or ("heldout" if args.builtin else "train"),
                                        args.start, args.max_prompts, what="--data" if args.data else "--builtin")
     rewards = build_reward_set([RewardTerm(name=args.reward)], num_workers=0)
     tokenizer = load_tokenizer(args.model)
-    ids = [prompt_token_ids(tokenizer, e.prompt, template, chat_template_kwargs(e.extras, e.source, e.row))
-           for e in examples]
+    ids = [example_prompt_ids(tokenizer, e, template) for e in examples]
     print(f"format: {template} ({why}); {len(examples)} prompts; reward {args.reward}; greedy"
           + (f" and {args.samples} samples at temperature {args.temperature}" if args.samples else ""), flush=True)
     model = load_policy(args.model, adapter[1] if adapter else None, adapter[0] if adapter else None, args.dtype)

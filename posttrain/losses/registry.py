@@ -80,6 +80,9 @@ def with_chosen_nll(term: LossPlugin, nll_weight: float) -> list[tuple[float, Lo
 
 
 def build_loss(terms, search_dirs: Iterable[Path] = ()) -> LossPlugin:
+    if not terms:
+        raise RecipeError("loss must name at least one loss (for example `loss: {name: dpo}`); `posttrain losses` "
+                          "lists them.")
     plugins = [(t.weight, build_loss_term(t, i, search_dirs)) for i, t in enumerate(terms)]
     if len(plugins) == 1 and plugins[0][0] == 1.0:
         return plugins[0][1]

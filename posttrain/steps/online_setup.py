@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from posttrain.data.prompts import load_prompt_examples
-from posttrain.data.tokenize import chat_template_kwargs, prompt_token_ids
+from posttrain.data.tokenize import example_prompt_ids
 from posttrain.errors import DataError, RecipeError
 from posttrain.rollout import ENGINES, EngineContext, GenerationEngine, RolloutCollector, SamplingParams
 
@@ -29,8 +29,7 @@ def tokenize_prompts(examples: list, tokenizer, template: str, max_prompt_length
     """Rendered prompt ids (the tokenisation contract's prompt side; the prompt keeps its last tokens)."""
     out = []
     for example in examples:
-        ids = prompt_token_ids(tokenizer, example.prompt, template,
-                               chat_template_kwargs(example.extras, example.source, example.row))
+        ids = example_prompt_ids(tokenizer, example, template)
         out.append(ids[-max_prompt_length:] if max_prompt_length else ids)
     return out
 
@@ -38,7 +37,7 @@ def tokenize_prompts(examples: list, tokenizer, template: str, max_prompt_length
 def load_examples(source, invalid_rows: str, skipped: Optional[Path], what: str) -> list:
     path = source.path if source.path else f"builtin:{source.builtin}"
     examples, _ = load_prompt_examples(path, source.format, source.split, source.start, source.limit, invalid_rows,
-                                       skipped, what)
+                                       skipped, what, source.config)
     if source.builtin and source.num_rows is not None:
         examples = examples[:source.num_rows]
     if not examples:
