@@ -71,8 +71,9 @@ def test_vllm_serves_a_merged_export_with_the_greedy_completions_of_transformers
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "VLLM_TARGET_DEVICE": "cpu"})
     with open(tmp_path / "server.log", "w+") as log:
-        server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(merged),
-                                   "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "exported",
+        # `vllm serve` itself, minus its console script: vllm-cpu's asks for the version of a `vllm` distribution
+        server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
+                                   "--model", str(merged), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "exported",
                                    "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--seed", "0"],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         try:
