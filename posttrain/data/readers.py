@@ -379,9 +379,10 @@ def write_skipped_rows(invalid: list[InvalidRow], path: Optional[Path], what: st
 
 def parse_records(path: str, split: str, choose_parser: Callable, what: str, limit: Optional[int] = None,
                   config: Optional[str] = None) -> tuple[list, list[InvalidRow]]:
-    """Read every record of `path` (a local file or directory, else a Hub dataset id with its `config`) and parse it with the parser that `choose_parser(record, source, row)` picks
-    from the first record. A parser returns a valid item or an InvalidRow. Returns (valid items, invalid rows);
-    stops after `limit` valid items. `what` names the contents in the empty-file error ("preference pairs")."""
+    """Read every record of `path` (a local file or directory, else a Hub dataset id with its `config`) and
+    parse it with the parser that `choose_parser(record, source, row)` picks from the first record. A parser
+    returns a valid item or an InvalidRow. Returns (valid items, invalid rows); stops after `limit` valid
+    items. `what` names the contents in the empty-file error ("preference pairs")."""
     p = Path(path).expanduser()
     if p.exists():
         source, raw_rows = str(p), iter_raw_rows(p, split)
