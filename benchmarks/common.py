@@ -70,6 +70,35 @@ def matmul_peak(threads: int, dtype: str = "float32", size: int = 1024, seconds:
     return best / 1e9
 
 
+def model_shape(model_dir: str) -> dict:
+    """N (weights used in matmuls, LoRA r=16 on every linear layer included), layers and attention width."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    d, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or d // heads
+    q, kvw = heads * head_dim, kv * head_dim
+    linear = [(d, q), (d, kvw), (d, kvw), (q, d), (d, f), (d, f), (f, d)]
+    per_layer = sum(i * o for i, o in linear)
+    lora = sum(16 * (i + o) for i, o in linear)
+    N = layers * (per_layer + lora) + d * config["vocab_size"]  # + output layer
+    return {"N": N, "layers": layers, "d_attn": q}
+
+
+def read_bandwidth(threads: int, megabytes: int = 1024, seconds: float = 2.0) -> float:
+    """GB/s of reading memory now: the best of repeated sums over a float32 tensor far larger than the caches."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(megabytes * 2 ** 20 // 4, dtype=torch.float32)
+    x.sum()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - started))
+    return best / 1e9
+
+
 def tiny_model_dir(workdir: Path) -> Path:
     """A small random Llama with the real SmolLM2 tokenizer and chat template (the smoke modes' model)."""
     import torch

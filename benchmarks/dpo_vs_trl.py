@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (LOAD_LIMIT, matmul_peak, peak_rss_mb, protocol, protocol_parser,  # noqa: E402
+from benchmarks.common import (LOAD_LIMIT, matmul_peak, model_shape, peak_rss_mb, protocol, protocol_parser,  # noqa: E402
                                run_as_child, run_child, run_rows, save_record, tiny_model_dir)
 
 SCRIPT = Path(__file__).resolve()
@@ -70,6 +70,7 @@ ROWS = {
     "posttrain_best_without_precompute": {"side": "posttrain", **BEST, "precompute": False},
     "posttrain_best_with_gradient_checkpointing": {"side": "posttrain", **BEST, "gradient_checkpointing": True},
     "posttrain_best_with_bf16": {"side": "posttrain", **BEST, "bf16": True},
+    "posttrain_best_bf16_weights": {"side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16"},
 }
 SMOKE_ROWS = ["trl_best", "posttrain_plain", "posttrain_best"]
 
@@ -182,7 +183,7 @@ def run_trl(spec: dict) -> dict:
 def posttrain_recipe(spec: dict, output_dir: str) -> dict:
     return {
         "run": {"output_dir": output_dir, "seed": 0, "num_threads": spec["threads"]},
-        "model": {"name_or_path": spec["model"], "dtype": "float32", "attn_implementation": "sdpa",
+        "model": {"name_or_path": spec["model"], "dtype": spec.get("dtype", "float32"), "attn_implementation": "sdpa",
                   "gradient_checkpointing": spec["gradient_checkpointing"]},
         "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "reference": {"kind": "adapter_off", "precompute": spec["precompute"]},
@@ -306,20 +307,6 @@ CHILDREN = {"trl": run_trl, "posttrain": run_posttrain, "numerics": run_numerics
 
 
 # ---------------------------------------------------------------------------------------------- parent
-
-
-def model_shape(model_dir: str) -> dict:
-    """N (weights used in matmuls, LoRA r=16 on every linear layer included), layers and attention width."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    d, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    head_dim = config.get("head_dim") or d // heads
-    q, kvw = heads * head_dim, kv * head_dim
-    linear = [(d, q), (d, kvw), (d, kvw), (q, d), (d, f), (d, f), (f, d)]
-    per_layer = sum(i * o for i, o in linear)
-    lora = sum(16 * (i + o) for i, o in linear)
-    N = layers * (per_layer + lora) + d * config["vocab_size"]  # + output layer
-    return {"N": N, "layers": layers, "d_attn": q}
 
 
 def model_flops(sequence_lengths: list[int], shape: dict, reference: bool = True) -> float:

@@ -35,24 +35,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import (LOAD_LIMIT, matmul_peak, peak_rss_mb, protocol, protocol_parser,  # noqa: E402
-                               run_as_child, run_rows, save_record, tiny_model_dir)
+from benchmarks.common import (LOAD_LIMIT, matmul_peak, model_shape, peak_rss_mb, protocol,  # noqa: E402
+                               protocol_parser, read_bandwidth, run_as_child, run_child, run_rows, save_record, tiny_model_dir)
 
 SCRIPT = Path(__file__).resolve()
-BEST = {"prefill_once": True, "share_prompt": True, "packing": True, "gradient_checkpointing": False, "bf16": False}
-PLAIN = {"prefill_once": False, "share_prompt": False, "packing": False, "gradient_checkpointing": False,
-         "bf16": False}
+BEST = {"prefill_once": True, "static_cache": True, "share_prompt": True, "packing": True,
+        "gradient_checkpointing": False, "bf16": False}
+PLAIN = {"prefill_once": False, "static_cache": False, "share_prompt": False, "packing": False,
+         "gradient_checkpointing": False, "bf16": False}
 ROWS = {
     "trl": {"side": "trl", "gradient_checkpointing": False, "bf16": False},
     "posttrain_plain": {"side": "posttrain", **PLAIN},
     "posttrain_best": {"side": "posttrain", **BEST},
     "posttrain_best_without_prefill_once": {"side": "posttrain", **BEST, "prefill_once": False},
+    "posttrain_best_without_static_cache": {"side": "posttrain", **BEST, "static_cache": False},
     "posttrain_best_without_share_prompt": {"side": "posttrain", **BEST, "share_prompt": False},
     "posttrain_best_without_packing": {"side": "posttrain", **BEST, "packing": False},
     "trl_gradient_checkpointing": {"side": "trl", "gradient_checkpointing": True, "bf16": False},
     "posttrain_best_gradient_checkpointing": {"side": "posttrain", **BEST, "gradient_checkpointing": True},
     "trl_bf16": {"side": "trl", "gradient_checkpointing": False, "bf16": True},
     "posttrain_best_bf16": {"side": "posttrain", **BEST, "bf16": True},
+    "posttrain_best_bf16_weights": {"side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16"},
 }
 SMOKE_ROWS = ["trl", "posttrain_plain", "posttrain_best"]
 
@@ -158,7 +161,7 @@ def posttrain_recipe(spec: dict) -> dict:
     G, N = spec["group_size"], spec["max_new_tokens"]
     return {
         "run": {"output_dir": spec["output_dir"], "seed": 0, "num_threads": spec["threads"]},
-        "model": {"name_or_path": spec["model"], "dtype": "float32", "attn_implementation": "sdpa",
+        "model": {"name_or_path": spec["model"], "dtype": spec.get("dtype", "float32"), "attn_implementation": "sdpa",
                   "gradient_checkpointing": spec["gradient_checkpointing"]},
         "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train": {"builtin": "addition", "split": "train",
@@ -170,7 +173,8 @@ def posttrain_recipe(spec: dict) -> dict:
         "sampler": {"name": "sequential"},
         "rollout": {"group_size": G, "max_new_tokens": N, "min_new_tokens": N, "temperature": spec["temperature"],
                     "top_p": 1.0, "top_k": 0, "generation_batch_size": spec["prompts_per_step"] * G,
-                    "reward_workers": 0, "prefill_once": spec["prefill_once"]},
+                    "reward_workers": 0, "prefill_once": spec["prefill_once"],
+                    "static_cache": spec.get("static_cache", False)},
         "train": {"optimizer": "adamw", "lr": spec["lr"], "lr_scheduler": "constant", "warmup_steps": 0,
                   "batch_size": spec["prompts_per_step"], "micro_batch_size": spec["micro_prompts"],
                   "max_steps": spec["steps"], "max_grad_norm": 1.0, "bf16": spec["bf16"],
@@ -208,7 +212,37 @@ def run_posttrain(spec: dict) -> dict:
     return {"steps": steps, "setup_s": setup_s, "peak_rss_mb": peak_rss_mb()}
 
 
-CHILDREN = {"trl": run_trl, "posttrain": run_posttrain}
+def run_greedy_check(spec: dict) -> dict:
+    """Greedy completions of `spec["prompts"]` distinct training prompts from posttrain's decode loop and from
+    transformers' generate, on the benchmark's fp32 model with a random LoRA adapter (B ~ N(0, 0.02)): equal?"""
+    import torch
+
+    from posttrain.recipe import load_recipe
+    from posttrain.rollout import HFGenerateEngine, SamplingParams
+    from posttrain.trainer import Trainer
+
+    torch.set_num_threads(spec["threads"])
+    trainer = Trainer(load_recipe(raw=posttrain_recipe({**spec, **PLAIN, "steps": spec["prompts"],
+                                                         "prompts_per_step": 1, "micro_prompts": 1})))
+    trainer.setup()
+    model = trainer.peft_model
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    prompts = trainer.train_prompt_ids[:spec["prompts"]]
+    params = SamplingParams(max_new_tokens=spec["max_new_tokens"], greedy=True)
+    outs = {}
+    for static_cache in (True, False):
+        engine = HFGenerateEngine(lambda: model, trainer.pad_id, [trainer.tokenizer.eos_token_id],
+                                  batch_size=len(prompts), static_cache=static_cache)
+        outs[static_cache] = [c.token_ids for c in engine.generate(prompts, params)]
+    same = sum(a == b for a, b in zip(outs[True], outs[False]))
+    return {"prompts": len(prompts), "identical": same}
+
+
+CHILDREN = {"trl": run_trl, "posttrain": run_posttrain, "greedy": run_greedy_check}
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -227,8 +261,21 @@ def check_same_work(name: str, run: dict, reference: dict, max_new_tokens: int) 
                              f"{max_new_tokens}: the comparison is void")
 
 
+def generation_bound_s(settings: dict, completions: int, max_new_tokens: int, shape: dict, probes: dict) -> float:
+    """The least time a step's decoding could take here: each of the max_new_tokens decode steps reads every
+    weight once (N weights of 4 bytes, 2 with bf16 base weights, at the read-bandwidth probe) and multiplies it
+    for every completion (2N FLOPs per token at the matmul probe of the row's precision), whichever is slower;
+    the prefill is left out."""
+    bf16 = settings.get("bf16", False)
+    weight_bytes = shape["N"] * (2 if settings.get("dtype") == "bfloat16" else 4)
+    memory = max_new_tokens * weight_bytes / (probes["read_gb_per_s"] * 1e9)
+    compute = completions * max_new_tokens * 2 * shape["N"] / (probes["matmul_bf16_gflops" if bf16 else
+                                                                      "matmul_fp32_gflops"] * 1e9)
+    return max(memory, compute)
+
+
 def summarise(name: str, settings: dict, repeats: list[dict], drop: int, completions_per_step: int,
-              max_new_tokens: int) -> dict:
+              max_new_tokens: int, bound_s: float) -> dict:
     per_repeat = []
     for run in repeats:
         kept = run["steps"][drop:]
@@ -247,22 +294,24 @@ def summarise(name: str, settings: dict, repeats: list[dict], drop: int, complet
     keys = ("s_per_step", "generation_s_per_step", "rewards_s_per_step", "train_s_per_step",
             "generation_tokens_per_s", "train_tokens_per_s", "peak_rss_mb")
     median = {key: statistics.median(r[key] for r in per_repeat) for key in keys}
+    median["generation_share_of_bound"] = bound_s / median["generation_s_per_step"]
     others = [r["other_cpu"] for r in per_repeat]
-    return {"name": name, "settings": settings, **median, "losses": per_repeat[0]["losses"],
+    return {"name": name, "settings": settings, **median, "generation_bound_s": bound_s,
+            "losses": per_repeat[0]["losses"],
             "rewards": per_repeat[0]["rewards"], "load_averages": [r["load_average"] for r in per_repeat],
             "other_cpu": others, "loaded": any(x > LOAD_LIMIT for x in others), "repeats": per_repeat}
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("| row | s/step | generation s | rewards s | training s | generation tok/s | training tok/s "
-            "| peak RSS MB | s/step: TRL / this | compared with | other load |")
+    head = ("| row | s/step | generation s | share of bound | rewards s | training s | generation tok/s "
+            "| training tok/s | peak RSS MB | s/step: TRL / this | compared with | other load |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         ratio = r.get("vs_trl", {})
         speedup = f"{ratio['speedup']:.2f}x" if ratio else "-"
         print(f"| {r['name']} | {r['s_per_step']:.2f} | {r['generation_s_per_step']:.2f} "
-              f"| {r['rewards_s_per_step']:.3f} | {r['train_s_per_step']:.2f} | {r['generation_tokens_per_s']:.1f} "
+              f"| {r['generation_share_of_bound']:.0%} | {r['rewards_s_per_step']:.3f} | {r['train_s_per_step']:.2f} | {r['generation_tokens_per_s']:.1f} "
               f"| {r['train_tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
               f"| {speedup} | {ratio.get('row', '-')} "
               f"| {max(r['other_cpu']):.2f}{' (loaded)' if r['loaded'] else ''} |")
@@ -293,9 +342,12 @@ def main() -> None:
                 "micro_prompts": args.micro_prompts, "group_size": args.group_size,
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "lr": args.lr,
                 "threads": args.threads}
-        peak = matmul_peak(args.threads)
-        print(f"fp32 matmul probe: {peak:.1f} GFLOP/s on {args.threads} threads; load average "
-              f"{os.getloadavg()[0]:.2f}", flush=True)
+        probes = {"matmul_fp32_gflops": matmul_peak(args.threads),
+                  "matmul_bf16_gflops": matmul_peak(args.threads, "bfloat16"), "read_gb_per_s": read_bandwidth(args.threads)}
+        shape = model_shape(model_dir)
+        print(f"probes on {args.threads} threads: matmul fp32 {probes['matmul_fp32_gflops']:.1f}, bf16 "
+              f"{probes['matmul_bf16_gflops']:.1f} GFLOP/s, memory read {probes['read_gb_per_s']:.1f} GB/s; load "
+              f"average {os.getloadavg()[0]:.2f}", flush=True)
 
         def spec_for(name, settings, k):
             return {**base, **{key: v for key, v in settings.items() if key != "side"},
@@ -306,13 +358,18 @@ def main() -> None:
             return f"{sum(s['wall'] for s in kept) / len(kept):.2f} s/step"
 
         results = run_rows(SCRIPT, names, ROWS, repeats, spec_for, describe)
+        greedy, _ = run_child(SCRIPT, "greedy", {**base, "prompts": 32, "output_dir": str(workdir / "greedy")})
+        print(f"greedy completions, posttrain's decode loop against generate (fp32, random adapter): "
+              f"{greedy['identical']} of {greedy['prompts']} identical", flush=True)
     first = results[names[0]][1][0]
     for name, (_, runs) in results.items():
         for run in runs:
             check_same_work(name, run, first, args.max_new_tokens)
 
     completions = args.prompts_per_step * args.group_size
-    rows = [summarise(n, s, r, drop, completions, args.max_new_tokens) for n, (s, r) in results.items()]
+    rows = [summarise(n, s, r, drop, completions, args.max_new_tokens,
+                      generation_bound_s(s, completions, args.max_new_tokens, shape, probes))
+            for n, (s, r) in results.items()]
     by_name = {r["name"]: r for r in rows}
     for r in rows:
         if r["settings"]["side"] == "posttrain" and trl_row_for(r["settings"]) in by_name:
@@ -323,14 +380,15 @@ def main() -> None:
                            "peak_rss_mb": r["peak_rss_mb"] / trl["peak_rss_mb"]}
     print()
     print_table(rows)
-    save_record(args, {"matmul_fp32_gflops": peak},
+    save_record(args, probes,
                 {"steps": steps, "dropped_steps": drop, "repeats": repeats, "prompts_per_step": args.prompts_per_step,
                  "micro_prompts": args.micro_prompts, "group_size": args.group_size,
                  "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens,
                  "temperature": args.temperature, "lr": args.lr,
                  "model": args.model if not args.smoke else "tiny random Llama (SmolLM2 tokenizer)",
                  "task": "builtin:addition/train", "reward": "math",
-                 "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}, rows)
+                 "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}, rows,
+                greedy_check=greedy)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ class RolloutConfig:
     engine: str = "hf"  # "hf" (transformers generate) or `module.path:Class` (a GenerationEngine)
     generation_batch_size: int = 64  # sequences per generate call
     prefill_once: bool = True  # hf engine: a group's prompt prefilled once, its KV cache copied to the G completions
+    static_cache: bool = True  # hf engine: posttrain's decode loop on a static KV cache; false: transformers' generate
     truncated: Literal["keep", "mask", "penalize"] = "keep"  # completions without EOS within max_new_tokens
     truncated_reward: float = 0.0  # their reward under `penalize`
     updates_per_batch: int = 1  # optimiser updates per rollout batch (TRL's num_iterations)
@@ -153,7 +154,7 @@ class TrainConfig:
     batch_size: int = 8  # pairs (or prompts) per optimiser step, over all processes
     micro_batch_size: int = 4  # per process per forward/backward
     max_grad_norm: Optional[float] = 1.0
-    bf16: bool = False  # autocast to bfloat16 for the forward passes
+    bf16: bool = False  # autocast to bfloat16 for the forward passes (always on with model.dtype: bfloat16)
     shuffle: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient norm stops the run or skips the step
     # Checked before training against the largest micro-batch the plan builds (sequences x padded length).
@@ -233,6 +234,12 @@ class Recipe:
     logging: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def autocast_bf16(self) -> bool:
+        """Forward passes under bf16 autocast: `train.bf16`, or base weights stored in bf16 (`model.dtype:
+        bfloat16`), whose fp32 adapters and fp32 residual stream need it (docs/performance.md, bf16 base weights)."""
+        return self.train.bf16 or self.model.dtype == "bfloat16"
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

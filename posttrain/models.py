@@ -301,10 +301,24 @@ def check_attention(attn_implementation: Optional[str], share_prompt: bool, pack
                           f"eager, or switch {'them' if plural else 'it'} off.")
 
 
+def keep_residual_stream_fp32(model):
+    """bf16 base weights (`model.dtype: bfloat16`), run under bf16 autocast: the embedding's output is cast to fp32,
+    so the residual stream, the norms and the adapters' inputs are fp32 as under autocast over fp32 weights, while
+    every matmul multiplies the stored bf16 weights without recasting them. On weights that bf16 represents
+    exactly, the forward is the one `train.bf16` gives over fp32 weights (tests/test_bf16.py)."""
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.float())
+    return model
+
+
+def _load_for_training(name_or_path: str, mcfg):
+    model = load_causal_lm(name_or_path, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
+    return keep_residual_stream_fp32(model) if mcfg.dtype == "bfloat16" else model
+
+
 def load_policy_and_reference(recipe, needs_reference: bool):
     """Build the trainable policy and the reference, as the recipe says."""
     mcfg = recipe.model
-    policy = load_causal_lm(mcfg.name_or_path, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
+    policy = _load_for_training(mcfg.name_or_path, mcfg)
     policy.config.use_cache = False
     if mcfg.gradient_checkpointing:
         if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -321,7 +335,7 @@ def load_policy_and_reference(recipe, needs_reference: bool):
         return policy, Reference("none")
     if kind == "separate" or (kind == "auto" and rcfg.name_or_path):
         name = rcfg.name_or_path or mcfg.name_or_path
-        ref_model = load_causal_lm(name, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
+        ref_model = _load_for_training(name, mcfg)
         ref_model.requires_grad_(False).eval()
         return policy, Reference("separate", ref_model)
     if kind == "adapter_off" and not recipe.lora.enabled:
@@ -330,7 +344,7 @@ def load_policy_and_reference(recipe, needs_reference: bool):
         raise RecipeError("reference.kind: adapter_off needs LoRA (lora.enabled: true); without adapters, name a "
                           "separate reference model (reference.kind: separate).")
     if not recipe.lora.enabled:  # full fine-tuning: the reference is a frozen copy of the start
-        ref_model = load_causal_lm(mcfg.name_or_path, mcfg.dtype, mcfg.trust_remote_code, mcfg.attn_implementation)
+        ref_model = _load_for_training(mcfg.name_or_path, mcfg)
         ref_model.requires_grad_(False).eval()
         return policy, Reference("separate", ref_model)
     if recipe.lora.init_adapter:

@@ -95,7 +95,8 @@ class Trainer:
         self.policy, self.reference = load_policy_and_reference(r, self.loss.needs_reference)
         logprobs = PolicyLogProbs(self.policy)
         try:
-            with gathered(list(self.policy.parameters()), zero_stage(acc)):
+            with gathered(list(self.policy.parameters()), zero_stage(acc)), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.autocast_bf16):
                 check_against_forward(logprobs, torch.device("cpu"))
         except ValueError as exc:
             raise ModelError(f"model {r.model.name_or_path!r} cannot be trained by posttrain: {exc}.") from None
@@ -121,7 +122,7 @@ class Trainer:
         self._check_layout()
         self.context = StepContext(
             accelerator=acc, model=self.model, peft_model=lambda: acc.unwrap_model(self.model).model,
-            reference=self.reference, bf16=t.bf16, pad_id=self.pad_id, micro_batch_size=t.micro_batch_size,
+            reference=self.reference, bf16=r.autocast_bf16, pad_id=self.pad_id, micro_batch_size=t.micro_batch_size,
             n_micro=self.n_micro, share_prompt=t.share_prompt, pack_tokens=t.pack_tokens if t.packing else None,
             log=self.log, optimiser_step=OptimiserStep(acc, self.model, self.optimizer, self.scheduler,
                                                        t.max_grad_norm, t.on_nonfinite))
@@ -145,7 +146,7 @@ class Trainer:
             self.evaluation = HeldoutRanking(acc, self.model, ctx.peft_model, self.reference, self.heldout_pairs,
                                              self.pad_id, r, self.loss, self.tokenizer, self.output_dir)
             self.entanglement = EntanglementDiagnostic(acc, self.model, (self.heldout_pairs or self.train_pairs)
-                                                       [:r.eval.entanglement_pairs], self.pad_id, r.train.bf16,
+                                                       [:r.eval.entanglement_pairs], self.pad_id, r.autocast_bf16,
                                                        self.metrics, self.log)
             return PairStep(ctx, self.loss, self.train_pairs, self.plan, r.reference.precompute, r.eval.batch_size)
         self.rewards = build_reward_set(r.rewards, num_workers=r.rollout.reward_workers,

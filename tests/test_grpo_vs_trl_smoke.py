@@ -32,6 +32,9 @@ def test_grpo_vs_trl_smoke(tmp_path):
         assert all(0 <= reward <= 1 for reward in r["rewards"])
         assert r["s_per_step"] > r["generation_s_per_step"] > 0 and r["train_s_per_step"] > 0
         assert r["generation_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert 0 < r["generation_share_of_bound"] < 1 and r["generation_bound_s"] > 0
     for name in ("posttrain_plain", "posttrain_best"):
         assert rows[name]["vs_trl"]["row"] == "trl" and rows[name]["vs_trl"]["speedup"] > 0
     assert "| posttrain_best |" in result.stdout
+    assert data["greedy_check"]["identical"] == data["greedy_check"]["prompts"] == 32
+    assert {"matmul_fp32_gflops", "matmul_bf16_gflops", "read_gb_per_s"} <= set(data["machine"])

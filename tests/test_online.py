@@ -56,12 +56,13 @@ def test_cut_at_stop_keeps_the_stop_token_and_marks_truncation():
     assert cut_at_stop([2], {2}, 3) == Completion([2], truncated=False)
 
 
-def test_hf_engine_returns_unpadded_completions_that_end_at_eos_or_the_limit(tiny_model_dir):
+@pytest.mark.parametrize("static_cache", [True, False], ids=["static_cache", "generate"])
+def test_hf_engine_returns_unpadded_completions_that_end_at_eos_or_the_limit(tiny_model_dir, static_cache):
     from posttrain.models import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir))
     eos = model.config.eos_token_id
-    engine = HFGenerateEngine(lambda: model, pad_id=eos, stop_ids=[eos], batch_size=3)
+    engine = HFGenerateEngine(lambda: model, pad_id=eos, stop_ids=[eos], batch_size=3, static_cache=static_cache)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     torch.manual_seed(0)
     out = engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1.0))
@@ -78,18 +79,19 @@ def test_hf_engine_returns_unpadded_completions_that_end_at_eos_or_the_limit(tin
     assert [c.token_ids for c in greedy1] == [c.token_ids for c in greedy2[::-1]]  # left padding does not leak
 
 
+@pytest.mark.parametrize("static_cache", [True, False], ids=["static_cache", "generate"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_prefill_once_samples_what_a_full_prefill_samples(tiny_model_dir, dtype):
+def test_prefill_once_samples_what_a_full_prefill_samples(tiny_model_dir, dtype, static_cache):
     """Groups of repeated prompts of different lengths (left padding, a one-token prompt): the prompt computed
     once and its cache copied gives the same greedy tokens, and with the same seed the same sampled tokens, as
-    generate's own prefill of every copy."""
+    a prefill of every copy, in either decode loop."""
     from posttrain.models import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir), dtype=dtype)
     eos = model.config.eos_token_id
     prompts = [[5, 6, 7]] * 3 + [[14]] * 2 + [[8, 9, 10, 11, 12]] * 3 + [[20, 21]]
-    engines = [HFGenerateEngine(lambda: model, pad_id=eos, stop_ids=[eos], batch_size=16, prefill_once=once)
-               for once in (False, True)]
+    engines = [HFGenerateEngine(lambda: model, pad_id=eos, stop_ids=[eos], batch_size=16, prefill_once=once,
+                                static_cache=static_cache) for once in (False, True)]
     calls = []
     original = model.forward
 
@@ -109,9 +111,64 @@ def test_prefill_once_samples_what_a_full_prefill_samples(tiny_model_dir, dtype)
             if engine.prefill_once:  # 4 distinct prompts prefilled once (all but the last token), then 9 rows
                 assert calls[0] == (4, 4) and calls[1] == (9, 1), calls[:2]
             else:
-                assert calls[0] == (9, 5)
+                assert calls[0] == ((9, 4) if static_cache else (9, 5))
         assert outs[0] == outs[1], params
         assert len({tuple(t) for t in outs[1][:3]}) > 1 or params.greedy  # the copies sample independently
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_static_cache_loop_decodes_generates_greedy_tokens_exactly(tiny_model_dir, dtype):
+    """posttrain's decode loop against transformers' generate on the same model and prompts (different lengths,
+    repeated ones, a one-token prompt), with and without the prompt prefilled once: the same greedy tokens, and
+    the same cut at EOS."""
+    from posttrain.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir), dtype=dtype)
+    eos = model.config.eos_token_id
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 400, (n,), generator=generator).tolist() for n in (1, 3, 7, 12, 5)]
+    prompts = prompts + prompts[1:3] * 2
+    params = SamplingParams(max_new_tokens=12, greedy=True)
+    unstopped = HFGenerateEngine(lambda: model, pad_id=eos, stop_ids=[eos], static_cache=False).generate(prompts, params)
+    stop = unstopped[0].token_ids[3]  # a token some rows emit: they stop early, the others run to the limit
+    outs = {}
+    for static_cache in (True, False):
+        for once in (True, False):
+            engine = HFGenerateEngine(lambda: model, pad_id=eos, stop_ids=[eos, stop], batch_size=16,
+                                      prefill_once=once, static_cache=static_cache)
+            outs[static_cache, once] = engine.generate(prompts, params)
+    assert len({repr(v) for v in outs.values()}) == 1, outs
+    assert not outs[True, True][0].truncated and len(outs[True, True][0].token_ids) <= 4
+
+
+def test_sampling_distribution_equals_generates_warpers():
+    """The next-token distribution of the static-cache loop (temperature, top-k, top-p) equals the one
+    transformers' warpers give generate, on random logits with ties; `draw` samples it (chi-square, 40,000 draws)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from posttrain.rollout.decode import draw, next_token_distribution
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=generator) * 3
+    logits[:, 10] = logits[:, 11]  # a tie
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.9, 20, 0.95), (1.3, 5, 1.0), (0.8, 0, 0.6)]:
+        scores = TemperatureLogitsWarper(temperature)(None, logits.clone()) if temperature != 1.0 else logits.clone()
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p < 1.0:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        theirs = torch.softmax(scores, dim=-1)
+        ours = next_token_distribution(logits.clone(), temperature, top_k, top_p)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    probs = next_token_distribution(logits[:1].expand(40_000, -1), 0.9, 20, 0.95)
+    torch.manual_seed(0)
+    counts = torch.bincount(draw(probs), minlength=50).double()
+    expected = probs[0].double() * 40_000
+    assert counts[expected == 0].sum() == 0  # nothing outside the filtered support
+    support = expected > 0
+    chi2 = float(((counts[support] - expected[support]) ** 2 / expected[support]).sum())
+    dof = int(support.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)  # about 5 standard deviations of chi2(dof)
 
 
 def test_groups_are_split_whole_over_processes_and_micro_batches():

@@ -108,7 +108,7 @@ class HeldoutRanking:
 
     def _scores(self, pairs, logprob_model, layout) -> PairScores:
         return sharded_scores(self.accelerator, pairs, logprob_model, layout, self.pad_id, self.recipe.eval.batch_size,
-                              self.recipe.logging.progress_bar, self.recipe.train.bf16)
+                              self.recipe.logging.progress_bar, self.recipe.autocast_bf16)
 
     def __call__(self, step: int) -> Optional[dict]:
         from posttrain.eval.api import build_report, pair_alphas, training_history

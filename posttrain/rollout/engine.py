@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from posttrain.registry import Registry
+from posttrain.rollout.decode import left_padded, static_cache_decode
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ class HFGenerateEngine(GenerationEngine):
     the precision context (the trainer's bf16 autocast when the recipe asks for it).
     Prompts are left-padded and generated `batch_size` at a time.
 
+    `static_cache` (default): posttrain's decode loop (`posttrain.rollout.decode`: a static KV cache written in
+    place, logits of the last position only, sampling on those); greedy tokens equal generate's, sampled ones
+    come from the same distribution. Off: transformers' `generate`.
+
     `prefill_once`: a prompt that occurs several times in a batch (a group's G copies) is run through the
     model once; its KV cache is copied to every copy and `generate` continues from there (the cache holds
     all prompt tokens but the last, which generate feeds to produce the first new token). Position ids
@@ -111,7 +116,8 @@ class HFGenerateEngine(GenerationEngine):
     """
 
     def __init__(self, model_getter: Callable, pad_id: int, stop_ids: list[int], batch_size: int = 64,
-                 gather: Optional[Callable] = None, autocast: Optional[Callable] = None, prefill_once: bool = True):
+                 gather: Optional[Callable] = None, autocast: Optional[Callable] = None, prefill_once: bool = True,
+                 static_cache: bool = True):
         self.model_getter = model_getter
         self.pad_id = pad_id
         self.stop_ids = set(int(i) for i in stop_ids)
@@ -119,12 +125,13 @@ class HFGenerateEngine(GenerationEngine):
         self.gather = gather or contextlib.nullcontext
         self.autocast = autocast or contextlib.nullcontext
         self.prefill_once = prefill_once
+        self.static_cache = static_cache
 
     @classmethod
     def from_context(cls, context: EngineContext) -> "HFGenerateEngine":
         ro = context.rollout
         return cls(context.policy, context.pad_id, context.stop_ids, ro.generation_batch_size, gather=context.gather,
-                   autocast=context.autocast, prefill_once=ro.prefill_once)
+                   autocast=context.autocast, prefill_once=ro.prefill_once, static_cache=ro.static_cache)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -145,15 +152,6 @@ class HFGenerateEngine(GenerationEngine):
             model.train(was_training)
         return out
 
-    def _left_padded(self, prompts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and mask, built on the host (moved to the model's device by the caller)."""
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device="cpu")
-        attention_mask = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p, device="cpu")
-            attention_mask[i, width - len(p):] = 1
-        return input_ids, attention_mask
-
     def _shared_prefix_cache(self, model, prompts: list[list[int]], width: int, device, keyword: str):
         """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to each
         occurrence; None when no prompt repeats."""
@@ -163,7 +161,7 @@ class HFGenerateEngine(GenerationEngine):
         owner = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
         if len(distinct) == len(prompts) or width < 2:
             return None
-        input_ids, attention_mask = self._left_padded([list(p) for p in distinct], width)
+        input_ids, attention_mask = left_padded(list(distinct), width, self.pad_id)
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # generate's rule
         cache = DynamicCache(config=model.config)
         model(input_ids=input_ids[:, :-1].to(device), attention_mask=attention_mask[:, :-1].to(device),
@@ -173,8 +171,12 @@ class HFGenerateEngine(GenerationEngine):
         return cache
 
     def _generate_chunk(self, model, prompts: list[list[int]], params: SamplingParams, device) -> list[Completion]:
+        if self.static_cache:
+            new = static_cache_decode(model, prompts, params, self.pad_id, self.stop_ids, _cache_keyword(model),
+                                      self.prefill_once, device)
+            return [cut_at_stop(tokens, self.stop_ids, params.max_new_tokens) for tokens in new]
         width = max(len(p) for p in prompts)
-        input_ids, attention_mask = self._left_padded(prompts, width)
+        input_ids, attention_mask = left_padded(prompts, width, self.pad_id)
         kwargs = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
                       eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad_id, use_cache=True)
         if params.greedy:
