@@ -160,8 +160,9 @@ class TrainConfig:
     # Checked before training against the largest micro-batch the plan builds (sequences x padded length).
     max_tokens_per_micro_batch: Optional[int] = None
     # Row layout of offline pairs (posttrain.data.layout, docs/performance.md); same numbers as the plain path.
-    share_prompt: bool = False  # one row per pair: the prompt computed once, both responses attend to it
-    packing: bool = False  # several sequences per row, position ids restarting, attention confined to each
+    # auto: on where the attention kernel honours a custom 4-D mask (packing: offline pairs only); the log says
+    share_prompt: Union[bool, Literal["auto"]] = "auto"  # one row per pair: the prompt computed once for its responses
+    packing: Union[bool, Literal["auto"]] = "auto"  # several sequences per row, position ids restarting
     pack_tokens: int = 1024  # about this many positions per packed row (rows of balanced length)
 
 

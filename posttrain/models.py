@@ -279,9 +279,9 @@ ATTENTION_LAYOUTS = {"sdpa": {"plain", "shared", "packed"}, "eager": {"plain", "
 ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn"}
 
 
-def check_attention(attn_implementation: Optional[str], share_prompt: bool, packing: bool) -> None:
+def check_attention(attn_implementation: Optional[str], share_prompt, packing) -> None:
     """Refuse, before any model loads, an attention kernel that is unknown, not installed, or cannot honour
-    the recipe's row layout."""
+    the row layout the recipe asks for explicitly (`true`; `auto` adapts to the kernel)."""
     from posttrain.errors import RecipeError
 
     kernel = attn_implementation or "sdpa"
@@ -291,7 +291,7 @@ def check_attention(attn_implementation: Optional[str], share_prompt: bool, pack
     if package and importlib.util.find_spec(package) is None:
         raise RecipeError(f"model.attn_implementation {kernel!r} needs the package {package!r}, which is not "
                           f"installed (pip install {package.replace('_', '-')}), or choose sdpa.")
-    wanted = [name for name, on in (("shared", share_prompt), ("packed", packing)) if on]
+    wanted = [name for name, on in (("shared", share_prompt), ("packed", packing)) if on is True]
     refused = [name for name in wanted if name not in ATTENTION_LAYOUTS[kernel]]
     if refused:
         keys = {"shared": "train.share_prompt", "packed": "train.packing"}

@@ -29,7 +29,7 @@ from posttrain.core.logprobs import check_against_forward
 from posttrain.errors import ModelError, PosttrainError, RecipeError
 from posttrain.eval.entanglement import EntanglementDiagnostic, entanglement_due
 from posttrain.eval.generation import greedy_evaluation
-from posttrain.eval.ranking import choose_layout, custom_mask_supported
+from posttrain.eval.ranking import attention_kind, choose_layout, custom_mask_supported
 from posttrain.eval.training import HeldoutRanking
 from posttrain.logs import MetricsWriter, get_logger
 from posttrain.losses import build_loss
@@ -119,11 +119,11 @@ class Trainer:
         self._configure_deepspeed()
         self.model, self.optimizer = acc.prepare(logprobs, optimizer)
         self.reference.place(acc.device)
-        self._check_layout()
+        share_prompt, packing = self._resolve_layout()
         self.context = StepContext(
             accelerator=acc, model=self.model, peft_model=lambda: acc.unwrap_model(self.model).model,
             reference=self.reference, bf16=r.autocast_bf16, pad_id=self.pad_id, micro_batch_size=t.micro_batch_size,
-            n_micro=self.n_micro, share_prompt=t.share_prompt, pack_tokens=t.pack_tokens if t.packing else None,
+            n_micro=self.n_micro, share_prompt=share_prompt, pack_tokens=t.pack_tokens if packing else None,
             log=self.log, optimiser_step=OptimiserStep(acc, self.model, self.optimizer, self.scheduler,
                                                        t.max_grad_norm, t.on_nonfinite))
         self.metrics = MetricsWriter(self.output_dir, r.logging, acc.is_main_process, append=self.resume,
@@ -188,20 +188,31 @@ class Trainer:
         config["train_batch_size"] = t.micro_batch_size * self.n_micro * self.world
         config["gradient_clipping"] = t.max_grad_norm if t.max_grad_norm is not None else 0.0
 
-    def _check_layout(self) -> None:
-        """train.share_prompt and train.packing need a custom 4-D mask honoured exactly (choose_layout's test)."""
+    def _resolve_layout(self) -> tuple[bool, bool]:
+        """(share_prompt, packing) for this run. `auto` (the default) turns the shared prompt on, and packing for
+        offline pairs, where the model honours a custom 4-D mask exactly (sdpa or eager attention, a non-empty
+        prompt in every sequence, no sliding window shorter than a sequence: choose_layout's test); online groups
+        of equal-length completions gain nothing from packing (docs/performance.md), so `auto` leaves it off
+        there. An explicit true the model or data cannot honour is refused."""
         t = self.recipe.train
-        if not (t.share_prompt or t.packing):
-            return
         if self.online:
             longest = max(len(p) for p in self.train_prompt_ids) + self.recipe.rollout.max_new_tokens
             supported = all(self.train_prompt_ids) and custom_mask_supported(self.model, longest)
         else:
             supported = choose_layout(self.model, self.train_pairs, "auto") == "shared"
-        if not supported:
+        if not supported and True in (t.share_prompt, t.packing):
             raise RecipeError("train.share_prompt and train.packing need sdpa or eager attention "
                               "(model.attn_implementation), a non-empty prompt in every sequence and no sliding "
-                              "window shorter than a sequence. Switch them off for this model or data.")
+                              "window shorter than a sequence. Switch them off (or to auto) for this model or data.")
+        share_prompt = supported if t.share_prompt == "auto" else t.share_prompt
+        packing = supported and not self.online if t.packing == "auto" else t.packing
+        if "auto" in (t.share_prompt, t.packing):
+            why = (f"{attention_kind(self.model)} attention honours the custom mask" if supported else
+                   "this model or data cannot use a custom mask")
+            self._say(f"row layout: shared prompt {'on' if share_prompt else 'off'}, packing "
+                      f"{'on' if packing else 'off'} (train.share_prompt / train.packing auto: {why}"
+                      f"{'; packing off for online groups' if supported and self.online else ''})")
+        return share_prompt, packing
 
     @property
     def peft_model(self):

@@ -59,8 +59,8 @@ def _one_step(raw: dict) -> list[str]:
     return sorted(set(watch.offences))
 
 
-@pytest.mark.parametrize("layout", [{}, {"share_prompt": True}, {"share_prompt": True, "packing": True,
-                                                                   "pack_tokens": 64}])
+@pytest.mark.parametrize("layout", [{"share_prompt": False, "packing": False}, {"share_prompt": True, "packing": False},
+                                    {"share_prompt": True, "packing": True, "pack_tokens": 64}])
 def test_a_pair_step_creates_no_tensor_on_an_implicit_device(tiny_model_dir, tmp_path, layout):
     raw = tiny_recipe(tiny_model_dir, tmp_path, data={"heldout": None}, eval={"at_start": False, "at_end": False},
                       train={"batch_size": 4, "micro_batch_size": 2, "max_steps": 1, **layout})

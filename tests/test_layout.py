@@ -166,11 +166,13 @@ def _two_steps(tiny_model_dir, tmp_path, name, train=None, reference=None):
 
 
 def test_trainer_switches_take_the_same_steps(tiny_model_dir, tmp_path, float64_norm):
-    plain = _two_steps(tiny_model_dir, tmp_path, "plain")
+    plain = _two_steps(tiny_model_dir, tmp_path, "plain", {"share_prompt": False, "packing": False})
     assert plain[2]["rewards/margins"] != 0  # LoRA has moved: step 0 alone would be trivially equal
-    for k, (train, reference) in enumerate([({"share_prompt": True}, None), ({"packing": True}, None),
+    for k, (train, reference) in enumerate([({"share_prompt": True, "packing": False}, None),
+                                            ({"share_prompt": False, "packing": True}, None),
                                             ({"share_prompt": True, "packing": True, "pack_tokens": 48},
-                                             {"precompute": True})]):
+                                             {"precompute": True}),
+                                            ({}, None)]):  # auto: shared and packed on sdpa
         other = _two_steps(tiny_model_dir, tmp_path, f"r{k}", train, reference)
         for a, b in zip(plain, other):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-9)
@@ -187,6 +189,23 @@ def test_trainer_refuses_the_layouts_where_the_mask_would_not_be_honoured(tiny_m
                       train={"share_prompt": True}, logging={"progress_bar": False, "report_to": ["jsonl"]})
     with pytest.raises(RecipeError, match="train.share_prompt needs a custom 4-D attention mask, which model.attn_implementation 'flex_attention'"):
         Trainer(recipe_from(raw)).setup()
+
+
+@pytest.mark.parametrize("attention, expected", [("sdpa", (True, 1024)), ("eager", (True, 1024)),
+                                                 ("flex_attention", (False, None))])
+def test_auto_layout_is_the_fastest_the_kernel_honours_and_says_so(tiny_model_dir, tmp_path, attention, expected,
+                                                                    capsys):
+    """The default (`auto`): shared prompt and packing where the kernel takes a custom 4-D mask, the plain layout
+    otherwise (no error), and one log line saying which and why."""
+    raw = tiny_recipe(tiny_model_dir, tmp_path / attention, model={"attn_implementation": attention},
+                      data={"train": {"builtin": "tiny", "split": "train", "num_rows": 8}, "heldout": None},
+                      logging={"progress_bar": False, "report_to": ["jsonl"]})
+    trainer = Trainer(recipe_from(raw))
+    trainer.setup()
+    assert (trainer.context.share_prompt, trainer.context.pack_tokens) == expected
+    said = capsys.readouterr().err + capsys.readouterr().out
+    state = "on" if expected[0] else "off"
+    assert f"row layout: shared prompt {state}, packing {state} (train.share_prompt / train.packing auto" in said
 
 
 # ---------------------------------------------------------------------------------------------- groups
