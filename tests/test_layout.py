@@ -203,7 +203,8 @@ def test_auto_layout_is_the_fastest_the_kernel_honours_and_says_so(tiny_model_di
     trainer = Trainer(recipe_from(raw))
     trainer.setup()
     assert (trainer.context.share_prompt, trainer.context.pack_tokens) == expected
-    said = capsys.readouterr().err + capsys.readouterr().out
+    captured = capsys.readouterr()
+    said = captured.err + captured.out
     state = "on" if expected[0] else "off"
     assert f"row layout: shared prompt {state}, packing {state} (train.share_prompt / train.packing auto" in said
 
