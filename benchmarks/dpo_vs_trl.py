@@ -415,10 +415,10 @@ def main() -> None:
     rows = [summarise(n, s, r, drop, args.pairs_per_step, shape, peak_bf16 if s.get("bf16") else peak)
             for n, (s, r) in results.items()]
     by_name = {r["name"]: r for r in rows}
-    if "trl_best" in by_name:
-        for r in rows:  # bf16 rows against TRL's best in bf16 when it ran, fp32 rows against TRL's best in fp32
-            bf16 = r["settings"].get("bf16", False) and "trl_best_bf16" in by_name
-            trl_best = by_name["trl_best_bf16" if bf16 else "trl_best"]
+    for r in rows:  # bf16 rows against TRL's best in bf16, fp32 rows against TRL's best in fp32, when it ran
+        trl_name = "trl_best_bf16" if r["settings"].get("bf16", False) else "trl_best"
+        if trl_name in by_name:
+            trl_best = by_name[trl_name]
             r["vs_trl_best"] = {"row": trl_best["name"], "pairs_per_s": r["pairs_per_s"] / trl_best["pairs_per_s"],
                                 "tokens_per_s": r["tokens_per_s"] / trl_best["tokens_per_s"],
                                 "s_per_step": r["s_per_step"] / trl_best["s_per_step"],

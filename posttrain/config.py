@@ -160,7 +160,8 @@ class TrainConfig:
     # Checked before training against the largest micro-batch the plan builds (sequences x padded length).
     max_tokens_per_micro_batch: Optional[int] = None
     # Row layout of offline pairs (posttrain.data.layout, docs/performance.md); same numbers as the plain path.
-    # auto: on where the attention kernel honours a custom 4-D mask (packing: offline pairs only); the log says
+    # auto: the shared prompt where the attention kernel honours a custom 4-D mask; packing for offline pairs
+    # where the cost model says it pays (posttrain.data.layout.packing_pays); the log says what it chose
     share_prompt: Union[bool, Literal["auto"]] = "auto"  # one row per pair: the prompt computed once for its responses
     packing: Union[bool, Literal["auto"]] = "auto"  # several sequences per row, position ids restarting
     pack_tokens: int = 1024  # about this many positions per packed row (rows of balanced length)

@@ -30,6 +30,7 @@ from posttrain.errors import ModelError, PosttrainError, RecipeError
 from posttrain.eval.entanglement import EntanglementDiagnostic, entanglement_due
 from posttrain.eval.generation import greedy_evaluation
 from posttrain.eval.ranking import attention_kind, choose_layout, custom_mask_supported
+from posttrain.data.layout import packing_pays, shared_length
 from posttrain.eval.training import HeldoutRanking
 from posttrain.logs import MetricsWriter, get_logger
 from posttrain.losses import build_loss
@@ -205,14 +206,31 @@ class Trainer:
                               "(model.attn_implementation), a non-empty prompt in every sequence and no sliding "
                               "window shorter than a sequence. Switch them off (or to auto) for this model or data.")
         share_prompt = supported if t.share_prompt == "auto" else t.share_prompt
-        packing = supported and not self.online if t.packing == "auto" else t.packing
+        packing, packing_why = t.packing, ""
+        if t.packing == "auto":
+            packing = supported and not self.online and self._packing_pays(share_prompt)
+            packing_why = ("; packing off for online groups" if self.online else
+                           f"; packing {'pays' if packing else 'does not pay'} for these lengths") if supported else ""
         if "auto" in (t.share_prompt, t.packing):
             why = (f"{attention_kind(self.model)} attention honours the custom mask" if supported else
                    "this model or data cannot use a custom mask")
             self._say(f"row layout: shared prompt {'on' if share_prompt else 'off'}, packing "
-                      f"{'on' if packing else 'off'} (train.share_prompt / train.packing auto: {why}"
-                      f"{'; packing off for online groups' if supported and self.online else ''})")
+                      f"{'on' if packing else 'off'} (train.share_prompt / train.packing auto: {why}{packing_why})")
         return share_prompt, packing
+
+    def _packing_pays(self, share_prompt: bool, batches: int = 64) -> bool:
+        """posttrain.data.layout.packing_pays on the first micro-batches of training pairs, in the chosen layout
+        (a shared segment per pair, or its two sequences)."""
+        text = self.policy.config.get_text_config()
+        heads = text.num_attention_heads
+        attention_width = heads * (getattr(text, "head_dim", None) or text.hidden_size // heads)
+        weights = sum(p.numel() for p in self.policy.parameters())
+        size = self.recipe.train.micro_batch_size
+        pairs = self.train_pairs[:batches * size]
+        segments = [[shared_length(p) for p in pairs[i:i + size]] if share_prompt else
+                    [len(p.prompt_ids) + len(y) for p in pairs[i:i + size] for y in (p.chosen_ids, p.rejected_ids)]
+                    for i in range(0, len(pairs), size)]
+        return packing_pays(segments, self.recipe.train.pack_tokens, weights, text.num_hidden_layers, attention_width)
 
     @property
     def peft_model(self):

@@ -191,22 +191,40 @@ def test_trainer_refuses_the_layouts_where_the_mask_would_not_be_honoured(tiny_m
         Trainer(recipe_from(raw)).setup()
 
 
-@pytest.mark.parametrize("attention, expected", [("sdpa", (True, 1024)), ("eager", (True, 1024)),
-                                                 ("flex_attention", (False, None))])
-def test_auto_layout_is_the_fastest_the_kernel_honours_and_says_so(tiny_model_dir, tmp_path, attention, expected,
-                                                                    capsys):
-    """The default (`auto`): shared prompt and packing where the kernel takes a custom 4-D mask, the plain layout
-    otherwise (no error), and one log line saying which and why."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
+def test_auto_layout_is_the_fastest_the_kernel_honours_and_says_so(tiny_model_dir, tmp_path, attention, capsys):
+    """The default (`auto`): the shared prompt where the kernel takes a custom 4-D mask, packing where the cost
+    model says it pays, the plain layout otherwise (no error), and one log line saying which and why."""
     raw = tiny_recipe(tiny_model_dir, tmp_path / attention, model={"attn_implementation": attention},
                       data={"train": {"builtin": "tiny", "split": "train", "num_rows": 8}, "heldout": None},
                       logging={"progress_bar": False, "report_to": ["jsonl"]})
     trainer = Trainer(recipe_from(raw))
     trainer.setup()
-    assert (trainer.context.share_prompt, trainer.context.pack_tokens) == expected
     captured = capsys.readouterr()
     said = captured.err + captured.out
-    state = "on" if expected[0] else "off"
-    assert f"row layout: shared prompt {state}, packing {state} (train.share_prompt / train.packing auto" in said
+    shared, packed = trainer.context.share_prompt, trainer.context.pack_tokens is not None
+    assert shared == (attention != "flex_attention")
+    state = lambda on: "on" if on else "off"  # noqa: E731
+    assert (f"row layout: shared prompt {state(shared)}, packing {state(packed)} (train.share_prompt / "
+            f"train.packing auto: ") in said
+    if shared:
+        assert f"packing {'pays' if packed else 'does not pay'} for these lengths" in said
+
+
+def test_packing_pays_where_lengths_vary_and_not_where_they_are_alike():
+    """The cost model on SmolLM2-135M's shape (135M weights, 30 layers, attention width 576): 16 arithmetic-like
+    segments of about 50 positions per micro-batch stack with almost no padding, so packing them into rows of
+    1,024 only adds attention; 4 HH-like segments of 100 to 500 positions waste most of a padded batch."""
+    import random
+
+    from posttrain.data.layout import packing_pays
+
+    shape = dict(weights=135_000_000, layers=30, attention_width=576)
+    assert not packing_pays([[50, 51, 52, 49] * 4] * 10, 1024, **shape)
+    generator = random.Random(0)
+    varied = [[generator.randint(100, 500) for _ in range(4)] for _ in range(20)]
+    assert packing_pays(varied, 1024, **shape)
+    assert not packing_pays(varied, 1024, margin=0.0, **shape)  # the margin is honoured
 
 
 # ---------------------------------------------------------------------------------------------- groups

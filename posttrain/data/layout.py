@@ -132,6 +132,25 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return [row for row in rows if row]
 
 
+def forward_cost(row_widths: list[int], weights: int, layers: int, attention_width: int) -> float:
+    """FLOPs of a forward over rows of these widths (docs/performance.md, the cost model): per position 2 x
+    weights for the matmuls and 4 x layers x attention_width x W for attention masked over its row of W."""
+    return sum(w * (2 * weights + 4 * layers * attention_width * w) for w in row_widths)
+
+
+def packing_pays(segment_batches: list[list[int]], capacity: int, weights: int, layers: int,
+                 attention_width: int, margin: float = 0.9) -> bool:
+    """Whether packing micro-batches of segments of these lengths into rows of about `capacity` positions costs
+    at most `margin` of stacking them padded to the longest, by `forward_cost`. Packing removes padding but makes
+    each row's attention quadratic in the whole row: it pays where lengths vary, not where they are all alike."""
+    stacked = packed = 0.0
+    for lengths in segment_batches:
+        stacked += forward_cost([max(lengths)] * len(lengths), weights, layers, attention_width)
+        packed += forward_cost([sum(lengths[i] for i in row) for row in pack(lengths, capacity)], weights, layers,
+                               attention_width)
+    return packed <= margin * stacked
+
+
 def build_sequence_rows(sequences: list[tuple[list[int], list[int]]], pad_id: int,
                         shared_by: Optional[list] = None, pack_tokens: Optional[int] = None,
                         attention: str = "sdpa", mask_dtype: torch.dtype = torch.float32) -> SequenceRows:
