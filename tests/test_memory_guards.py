@@ -19,7 +19,8 @@ def _raw(tiny_model_dir, tmp_path, **train):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_varied_pairs(tmp_path / "varied.jsonl", n=12)
     return tiny_recipe(tiny_model_dir, tmp_path / "run", data={"train": {"path": str(data)}, "heldout": None},
-                       train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 3, **train},
+                       train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 3,
+                              "share_prompt": False, "packing": False, **train},  # the guard's bound: plain rows
                        logging={"progress_bar": False, "report_to": ["jsonl"]})
 
 
