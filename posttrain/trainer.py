@@ -26,11 +26,11 @@ from posttrain.checkpoint_state import (TrainingState, follow_current_schedule, 
 from posttrain.config import Recipe, recipe_to_dict
 from posttrain.core import PolicyLogProbs
 from posttrain.core.logprobs import check_against_forward
+from posttrain.data.layout import packing_pays, shared_length
 from posttrain.errors import ModelError, PosttrainError, RecipeError
 from posttrain.eval.entanglement import EntanglementDiagnostic, entanglement_due
 from posttrain.eval.generation import greedy_evaluation
 from posttrain.eval.ranking import attention_kind, choose_layout, custom_mask_supported
-from posttrain.data.layout import packing_pays, shared_length
 from posttrain.eval.training import HeldoutRanking
 from posttrain.logs import MetricsWriter, get_logger
 from posttrain.losses import build_loss
@@ -95,10 +95,11 @@ class Trainer:
         # All processes load together: under ZeRO-3 loading is itself collective.
         self.policy, self.reference = load_policy_and_reference(r, self.loss.needs_reference)
         logprobs = PolicyLogProbs(self.policy)
+        probe_device = torch.device("cpu")  # before prepare: the weights are still on the host
         try:
             with gathered(list(self.policy.parameters()), zero_stage(acc)), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.autocast_bf16):
-                check_against_forward(logprobs, torch.device("cpu"))
+                    torch.autocast(probe_device.type, dtype=torch.bfloat16, enabled=r.autocast_bf16):
+                check_against_forward(logprobs, probe_device)
         except ValueError as exc:
             raise ModelError(f"model {r.model.name_or_path!r} cannot be trained by posttrain: {exc}.") from None
         self.plan = StepPlan(len(items), t.batch_size, t.epochs, r.run.seed, t.shuffle, t.max_steps)
@@ -224,7 +225,7 @@ class Trainer:
         text = self.policy.config.get_text_config()
         heads = text.num_attention_heads
         attention_width = heads * (getattr(text, "head_dim", None) or text.hidden_size // heads)
-        weights = sum(p.numel() for p in self.policy.parameters())
+        weights = sum(getattr(p, "ds_numel", p.numel()) for p in self.policy.parameters())  # ZeRO-3: whole sizes
         size = self.recipe.train.micro_batch_size
         pairs = self.train_pairs[:batches * size]
         segments = [[shared_length(p) for p in pairs[i:i + size]] if share_prompt else
