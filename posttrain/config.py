@@ -102,6 +102,35 @@ class RewardTerm:
 
 
 @dataclass
+class VLLMConfig:
+    """`rollout.engine: vllm` (colocated) and `vllm_server` (docs/online_rl.md, "Engines")."""
+
+    gpu_memory_utilization: float = 0.3  # CUDA: the share of GPU memory vLLM may take (weights + KV cache)
+    enable_sleep_mode: bool = False  # CUDA: free vLLM's KV cache (and offload its weights) while the trainer trains
+    tensor_parallel_size: int = 1
+    kv_cache_gib: int = 2  # CPU: the KV cache's size (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: Optional[int] = None  # default: data.max_length + rollout.max_new_tokens
+    enforce_eager: bool = True  # no CUDA graphs / compilation (vLLM starts in seconds instead of minutes)
+    probe_tolerance: Optional[float] = None  # max |log-prob gap| after a sync; default 1e-3 in float32, 0.1 in bf16
+    timeout_s: float = 600.0  # one rollout's wall-clock limit; past it the run stops (a hung engine)
+    server_url: str = "http://127.0.0.1:8000"  # vllm_server: where `posttrain rollout-server` listens
+    api_key: Optional[str] = None  # vllm_server: the server's --api-key
+    request_retries: int = 3  # vllm_server: attempts per request before the run stops
+
+
+@dataclass
+class MismatchConfig:
+    """Engine/trainer mismatch correction (docs/online_rl.md, "Engine/trainer mismatch"): the sampled tokens'
+    ratio pi_old / pi_engine, with pi_engine the engine's own log-probs. `tis`: truncated importance sampling, each
+    token's (or sequence's) policy-gradient coefficient times min(ratio, cap); `mask`: coefficients of tokens (or
+    sequences) whose ratio leaves [1/cap, cap] set to 0; `none`: only logged."""
+
+    correction: Literal["none", "tis", "mask"] = "none"
+    level: Literal["token", "sequence"] = "token"
+    cap: float = 2.0
+
+
+@dataclass
 class RolloutConfig:
     """Online RL: how completions are sampled, scored and fed to a group loss (docs/online_rl.md)."""
 
@@ -111,7 +140,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    engine: str = "hf"  # "hf" (transformers generate) or `module.path:Class` (a GenerationEngine)
+    engine: str = "hf"  # hf (the training model) | vllm (colocated) | vllm_server | `module.path:Class`
     generation_batch_size: int = 64  # sequences per generate call
     prefill_once: bool = True  # hf engine: a group's prompt prefilled once, its KV cache copied to the G completions
     static_cache: bool = True  # hf engine: posttrain's decode loop on a static KV cache; false: transformers' generate
@@ -126,6 +155,8 @@ class RolloutConfig:
     max_resample_rounds: int = 2  # with the filter: rounds of extra prompts to refill the batch
     eval_max_new_tokens: Optional[int] = None  # greedy held-out evaluation; default max_new_tokens
     advantage_estimator: Optional[str] = None  # group_mean | group_mean_std | batch_std | leave_one_out | none
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    mismatch: MismatchConfig = field(default_factory=MismatchConfig)
 
 
 @dataclass

@@ -28,3 +28,7 @@ class DataError(PosttrainError):
 
 class ModelError(PosttrainError):
     """A model or tokenizer cannot be found or loaded."""
+
+
+class RolloutEngineError(PosttrainError):
+    """The generation engine failed: it died, did not answer in time, or its weights are not the trainer's."""

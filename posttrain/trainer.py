@@ -160,12 +160,15 @@ class Trainer:
         sampler = build_sampler(r.sampler.name, len(self.train_examples), r.run.seed, self.search_dirs,
                                 **r.sampler.params)
         stage = zero_stage(acc)
-        engine = online_setup.build_engine(r.rollout.engine, EngineContext(
+        self.engine = engine = online_setup.build_engine(r.rollout.engine, EngineContext(
             policy=ctx.peft_model, tokenizer=self.tokenizer, pad_id=self.pad_id,
             stop_ids=online_setup.stop_token_ids(self.tokenizer), rollout=r.rollout,
             gather=lambda: timed(gathered(ctx.peft_model().parameters(), stage), ctx.timings, "time/gather_parameters"),
-            autocast=ctx.autocast,
-            current_step=lambda: self.current_step), self.search_dirs)
+            autocast=ctx.autocast, current_step=lambda: self.current_step, model_name=r.model.name_or_path,
+            model_path=resolve_model_path(r.model.name_or_path), dtype=r.model.dtype,
+            lora_rank=r.lora.r if r.lora.enabled else None, seed=r.run.seed,
+            work_dir=self.output_dir / "rollout-engine" / f"rank{self.rank}",
+            max_model_len=r.data.max_length + r.rollout.max_new_tokens, rank=self.rank), self.search_dirs)
         collector = lambda examples, ids, truncated, reward: online_setup.build_collector(  # noqa: E731
             engine, self.rewards, examples, ids, self.tokenizer, component, r.sampler.success_threshold, truncated,
             reward, self.world, self.rank)
@@ -405,6 +408,7 @@ class Trainer:
         self.metrics.close()
         if self.online:
             self.rewards.close()
+            self.engine.close()
         acc.wait_for_everyone()
         return summary
 

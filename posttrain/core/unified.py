@@ -71,10 +71,13 @@ class StepLoss:
 
 
 def backward_through_coefficients(step_loss: Callable[[dict], StepLoss], logps: dict[str, torch.Tensor],
-                                  backward: Callable[[torch.Tensor], None]) -> tuple[StepLoss, dict]:
+                                  backward: Callable[[torch.Tensor], None],
+                                  weights: Optional[dict[str, torch.Tensor]] = None) -> tuple[StepLoss, dict]:
     """Run `step_loss` on detached copies of the log-prob tensors `logps` (name -> [B, T], with the model's
     graph), take c = -dL/dlp for each by autograd, and call `backward(-sum c * lp (+ direct))` on the model
-    graph. Returns the StepLoss (values detached) and the coefficients (name -> [B, T])."""
+    graph. `weights` (name -> [B, T], constants) scale the coefficients first: the engine/trainer mismatch
+    correction (posttrain.core.mismatch). Returns the StepLoss (values detached) and the coefficients (name ->
+    [B, T], weighted)."""
     leaves = {name: value.detach().requires_grad_(True) for name, value in logps.items()}
     with torch.enable_grad():
         result = step_loss(leaves)
@@ -85,6 +88,8 @@ def backward_through_coefficients(step_loss: Callable[[dict], StepLoss], logps: 
         for name, grad in zip(names, grads):
             if grad is not None:
                 coefficients[name] = -grad.detach()
+    for name, weight in (weights or {}).items():
+        coefficients[name] = coefficients[name] * weight.to(coefficients[name].dtype)
     surrogate = -sum((coefficients[name] * logps[name]).sum() for name in logps)
     if result.direct is not None:
         surrogate = surrogate + result.direct

@@ -31,6 +31,7 @@ class RolloutRecord:
     answer: Optional[str] = None
     success: bool = False
     demonstration: bool = False  # a gold demonstration that replaced its group's rollouts (HPT)
+    engine_logprobs: Optional[list[float]] = None  # the engine's log-probs of the completion (None: the trainer's)
 
 
 @dataclass
@@ -92,5 +93,6 @@ class RolloutCollector:
             components = dict(result.components)
             success = components.get(self.success_component, reward) >= self.success_threshold
             records.append(RolloutRecord(index, group, self.prompt_ids[index], completion.token_ids,
-                                         completion.truncated, text, reward, components, result.answer, success))
+                                         completion.truncated, text, reward, components, result.answer, success,
+                                         engine_logprobs=completion.logprobs))
         return records

@@ -57,6 +57,17 @@ def left_padded(prompts: Sequence[Sequence[int]], width: int, pad_id: int) -> tu
 
 
 @torch.no_grad()
+def values_as_keys(cache):
+    """The cache with values stored in the keys' dtype. Under bf16 autocast the keys leave the rotary embedding
+    in float32 while the values stay bf16, and a static cache layer takes one dtype (from the first keys) for both
+    (transformers < 5.20 refuses the bf16 values)."""
+    for layer in cache.layers:
+        def update(key_states, value_states, *args, _update=layer.update, **kwargs):
+            return _update(key_states, value_states.to(key_states.dtype), *args, **kwargs)
+        layer.update = update
+    return cache
+
+
 def static_cache_decode(model, prompts: list[list[int]], params, pad_id: int, stop_ids: Sequence[int],
                         cache_keyword: str, prefill_once: bool, device: torch.device) -> list[list[int]]:
     """`params.max_new_tokens` new tokens (or fewer, when every row has stopped) after each prompt; rows that
@@ -76,7 +87,7 @@ def static_cache_decode(model, prompts: list[list[int]], params, pad_id: int, st
 
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=width + max_new)
+    cache = values_as_keys(StaticCache(config=model.config, max_cache_len=width + max_new))
     owner_index = torch.tensor(owner, dtype=torch.long, device="cpu")
     if width > 1:
         model(input_ids=ids[:, :-1].to(device), attention_mask=prompt_mask[:, :-1].to(device),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -49,13 +50,17 @@ class SamplingParams:
 class Completion:
     token_ids: list[int]
     truncated: bool  # no stop token within max_new_tokens
+    logprobs: Optional[list[float]] = None  # the engine's log-prob of each sampled token; None: the trainer's own
 
 
 @dataclass
 class EngineContext:
     """What an engine may use of the run: `policy()` the (peft) causal LM being trained, its tokenizer, the
     pad and stop token ids, the recipe's `rollout` section, `gather()` (ZeRO-3: the parameters whole) and
-    `autocast()` (the run's precision) contexts, and `current_step()` (optimiser steps taken)."""
+    `autocast()` (the run's precision) contexts, and `current_step()` (optimiser steps taken). For engines that
+    hold their own copy of the model: the recipe's model name, its local directory and dtype, whether the policy is a LoRA
+    adapter (`lora_rank`, None: full weights), the run's seed, a directory of this process's own (`work_dir`),
+    the longest sequence a rollout can make, and the process's rank."""
 
     policy: Callable[[], Any]
     tokenizer: Any
@@ -65,6 +70,14 @@ class EngineContext:
     gather: Callable = contextlib.nullcontext
     autocast: Callable = contextlib.nullcontext
     current_step: Callable[[], int] = lambda: 0
+    model_name: str = ""
+    model_path: str = ""
+    dtype: str = "float32"
+    lora_rank: Optional[int] = None
+    seed: int = 0
+    work_dir: Optional[Path] = None
+    max_model_len: int = 1024
+    rank: int = 0
 
 
 class GenerationEngine:
@@ -81,6 +94,9 @@ class GenerationEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         raise NotImplementedError  # abstractmethod: every engine defines it
+
+    def close(self) -> None:
+        """Release what the engine holds (its processes, servers' sessions) at the end of the run."""
 
 
 def cut_at_stop(tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> Completion:

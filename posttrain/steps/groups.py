@@ -29,6 +29,7 @@ import torch
 
 from posttrain.config import RolloutConfig
 from posttrain.core import StepCounts, backward_through_coefficients
+from posttrain.core.mismatch import mismatch_weights
 from posttrain.errors import RecipeError
 from posttrain.losses import GroupLossInputs, LossPlugin, RolloutBatch
 from posttrain.plan import split_groups
@@ -63,6 +64,7 @@ class GroupStep:
                             step + 1, ro.max_resample_rounds)
             return {**record, "loss": 0.0, "skipped": 1.0, "num_tokens": 0.0}
         token_ids, mask = completion_tensors(records, ro.truncated == "mask")
+        engine_logps = engine_logprob_tensor(records, mask.shape[1])
         if mask.sum() == 0:
             ctx.log.warning("step %d: every completion was truncated and rollout.truncated is 'mask', so no token "
                             "is left to train on; no update. Raise rollout.max_new_tokens.", step + 1)
@@ -82,7 +84,7 @@ class GroupStep:
                              group_index=group_of, mask=mask, token_ids=token_ids, entropy=entropy,
                              answers=[rec.answer for rec in records],
                              extras={"demonstration": torch.tensor([rec.demonstration for rec in records],
-                                                                   device="cpu")})
+                                                                   device="cpu"), "engine_logps": engine_logps})
         try:
             advantages = self.loss.compute_advantages(batch)
         except ValueError as exc:  # a plug-in's word on a batch the recipe shaped (e.g. COPO with one prompt)
@@ -215,7 +217,7 @@ class GroupStep:
     def update(self, step, records, rows_of, micro, batch: RolloutBatch, advantages, old_logps,
                counts: StepCounts) -> dict:
         """Forward/backward over this process's micro-batches of whole groups, then one optimiser update."""
-        ctx = self.ctx
+        ctx, ro = self.ctx, self.rollout
         device, scale, width = ctx.device, ctx.world * len(micro), batch.mask.shape[1]
         metrics = StepMetrics(device)
         for groups in micro:
@@ -230,6 +232,11 @@ class GroupStep:
                     if self.loss.needs_reference else None
                 old = torch.stack([old_logps[i] if w > 0 else logps[k].detach() for k, (i, w) in
                                    enumerate(zip(rows, weights))]).to(dtype) if old_logps else None
+                pi_old = old if old is not None else logps.detach()
+                engine = batch.extras["engine_logps"][index].to(device=device, dtype=dtype)
+                mismatch = mismatch_weights(pi_old, torch.where(torch.isnan(engine), pi_old, engine),
+                                            on_device(batch.mask) * weight[:, None], ro.mismatch.correction,
+                                            ro.mismatch.level, ro.mismatch.cap)
                 inputs = GroupLossInputs(
                     logps=logps, mask=on_device(batch.mask), advantages=advantages[index].to(device),
                     completion_weight=weight, old_logps=old, ref_logps=ref,
@@ -238,8 +245,13 @@ class GroupStep:
                     rewards=on_device(batch.rewards))
                 out, coefficients = backward_through_coefficients(
                     lambda leaves: self.loss.step_loss(replace(inputs, **leaves), counts), {"logps": logps},
-                    lambda surrogate: ctx.accelerator.backward(surrogate * scale))
+                    lambda surrogate: ctx.accelerator.backward(surrogate * scale),
+                    {"logps": mismatch.weights} if ro.mismatch.correction != "none" else None)
             metrics.add("loss", out.loss.item())
+            metrics.add_mean("mismatch/log_ratio_mean", mismatch.delta_sum, mismatch.tokens)
+            metrics.add_max("mismatch/log_ratio_abs_max", mismatch.delta_abs_max)
+            metrics.add_mean("mismatch/above_cap_share", mismatch.above_cap, mismatch.tokens)
+            metrics.add_mean("mismatch/outside_band_share", mismatch.outside_band, mismatch.tokens)
             metrics.add_per_example(out.metrics, weight)
             for name, value in out.parts.items():
                 metrics.add(name, value.item())
@@ -292,6 +304,16 @@ def completion_tensors(records: list[RolloutRecord], masked_truncated: bool) -> 
         if not (masked_truncated and rec.truncated):
             mask[i, :len(rec.completion_ids)] = 1
     return ids, mask
+
+
+def engine_logprob_tensor(records: list[RolloutRecord], width: int) -> torch.Tensor:
+    """The engine's log-probs of the completion tokens [N, T] (float64, host); NaN where the engine gave none
+    (the hf engine: the trainer's own pi_old stands in) and on padding."""
+    out = torch.full((len(records), width), float("nan"), dtype=torch.float64, device="cpu")
+    for i, rec in enumerate(records):
+        if rec.engine_logprobs is not None:
+            out[i, :len(rec.engine_logprobs)] = torch.tensor(rec.engine_logprobs, dtype=torch.float64, device="cpu")
+    return out
 
 
 def micro_batch_rows(rows_of: dict, groups: list[Optional[int]]) -> tuple[list[int], list[float], list[int]]:
