@@ -156,3 +156,67 @@ def test_a_dead_engine_gives_an_error_not_a_hang(engine_and_policy):
     with pytest.raises(RolloutEngineError, match=f"vllm engine's process {core.pid} died while sampling"):
         engine.generate(prompts_of(tokenizer, 2), SamplingParams(max_new_tokens=4, greedy=True))
     assert time.time() - t0 < 10
+
+
+def first_difference_gap(model, prompt: list[int], ours: list[int], theirs: list[int]) -> float:
+    """The trainer's logit gap between the two tokens where two greedy completions first differ (a near-tie when
+    small: either engine's rounding may pick either)."""
+    k = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + ours[:k]])).logits[0, -1].double()
+    return abs(float(logits[ours[k]] - logits[theirs[k]]))
+
+
+def test_grpo_through_the_colocated_engine_logs_sync_probe_and_mismatch(vllm_model_dir, tmp_path, monkeypatch):
+    """3 GRPO updates with rollouts from vLLM (tis correction on): every step synced to its policy version and
+    probed, the mismatch logged and small, and then greedy completions of 32 held-out prompts from the engine equal
+    the hf engine's on the trained adapter (except at a near-tie, gap under 1e-3)."""
+    from test_online import online_recipe, train_steps
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    out = tmp_path / "run"
+    raw = online_recipe(vllm_model_dir, out, rollout={"engine": "vllm", "vllm": {"kv_cache_gib": 1, "timeout_s": 120},
+                                                        "mismatch": {"correction": "tis", "cap": 2.0}})
+    trainer = Trainer(recipe_from(raw))
+    closed, original_close = [], None  # the engine is built inside train(): kept open for the comparison after it
+    try:
+
+        def keep_open(engine):
+            nonlocal original_close
+            original_close = engine.close
+            monkeypatch.setattr(engine, "close", lambda: closed.append(True))
+
+        real_build = trainer._build_step
+
+        def build():
+            step = real_build()
+            keep_open(trainer.engine)
+            return step
+
+        monkeypatch.setattr(trainer, "_build_step", build)
+        summary = trainer.train()
+        steps = train_steps(out)
+        assert [m["engine/policy_version"] for m in steps] == [0.0, 1.0, 2.0]
+        for m in steps:
+            assert m["engine/probe_gap"] < 1e-4
+            assert abs(m["mismatch/log_ratio_mean"]) < 1e-5 and m["mismatch/log_ratio_abs_max"] < 1e-4, m
+            assert m["mismatch/above_cap_share"] == 0.0 and m["mismatch/outside_band_share"] == 0.0
+        assert summary["heldout_after"]["pass@1"] >= 0.0 and closed == [True]
+
+        prompts = trainer.heldout_prompt_ids[:32]
+        greedy = SamplingParams(max_new_tokens=8, greedy=True)
+        model = trainer.peft_model
+        ours = [c.token_ids for c in trainer.engine.generate(prompts, greedy)]
+        assert trainer.engine.version == 3
+        theirs = [c.token_ids for c in HFGenerateEngine(lambda: model, trainer.pad_id, [trainer.tokenizer.eos_token_id])
+                  .generate(prompts, greedy)]
+        model.eval()
+        differing = [first_difference_gap(model, p, a, b) for p, a, b in zip(prompts, ours, theirs) if a != b]
+        assert all(gap < 1e-3 for gap in differing), differing
+        assert len(differing) <= 2, differing
+        print(f"vllm vs hf greedy: {len(prompts) - len(differing)}/{len(prompts)} identical, near-ties {differing}; "
+              f"mismatch per step (mean, max |log pi_old - log pi_engine|): "
+              f"{[(m['mismatch/log_ratio_mean'], m['mismatch/log_ratio_abs_max']) for m in steps]}")
+    finally:
+        if original_close is not None:
+            original_close()

@@ -95,6 +95,10 @@ class GenerationEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         raise NotImplementedError  # abstractmethod: every engine defines it
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers of the last rollout to log with the step (an engine with its own weights: its sync and probe)."""
+        return {}
+
     def close(self) -> None:
         """Release what the engine holds (its processes, servers' sessions) at the end of the run."""
 

@@ -140,6 +140,10 @@ class VLLMEngineBase(GenerationEngine):
         """The engine's log-probs of token_ids[1:] given what precedes each (temperature 1)."""
         raise NotImplementedError  # abstractmethod
 
+    def metrics(self) -> dict[str, float]:
+        return {"engine/policy_version": float(self.version if self.version is not None else -1),
+                "engine/probe_gap": float(self.last_probe_gap or 0.0), "time/sync": self.sync_seconds}
+
     def close(self) -> None:
         """Stop the engine's processes or sessions (the subclass)."""
 
@@ -159,8 +163,8 @@ class VLLMEngineBase(GenerationEngine):
                 weights = base_weights(model)
                 self.within_deadline(lambda: self.load_full_weights(weights), f"loading policy version {version}")
         self.version, self.calls = version, 0
-        self.sync_seconds = time.time() - t0
         self.probe(model, version)
+        self.sync_seconds = time.time() - t0
 
     def probe(self, model, version: int) -> float:
         """Max |engine log-prob - trainer log-prob| over the probe sequence; above the tolerance, an error."""

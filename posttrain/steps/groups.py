@@ -138,7 +138,7 @@ class GroupStep:
                 ctx.log.info("step %d: %d of %d groups have reward variance after %d resampling rounds; training "
                              "on them", step + 1, groups_kept, self.batch_size, rounds)
         metrics.update({"time/generation": stats.generation_seconds, "time/rewards": stats.reward_seconds,
-                        "time/gather": stats.gather_seconds})
+                        "time/gather": stats.gather_seconds, **self.collector.engine.metrics()})
         return kept
 
     def log_completions(self, step: int, collected: list[RolloutRecord], trained: list[RolloutRecord]) -> None:
