@@ -133,8 +133,39 @@ def _parser() -> argparse.ArgumentParser:
     task.add_argument("--max-new-tokens", type=int, default=256)
     task.add_argument("--output", required=True, help="directory for the task YAML and its data.jsonl")
 
+    server = sub.add_parser("rollout-server", help="serve the base model with vLLM for rollout.engine: vllm_server",
+                            description="`vllm serve` for posttrain's trainer: OpenAI-compatible, LoRA adapters loaded "
+                                        "at run time, bound to 127.0.0.1 unless --host says otherwise "
+                                        "(docs/online_rl.md, \"Engines\"). Arguments after -- go to vLLM.")
+    server.add_argument("--model", required=True, help="the recipe's model.name_or_path (the built-in alias or a path)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
+    server.add_argument("--api-key", default=None, help="require this key (the recipe's rollout.vllm.api_key)")
+    server.add_argument("--lora-rank", type=int, default=16, help="the largest LoRA rank the trainer will load")
+    server.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    server.add_argument("--max-model-len", type=int, default=2048)
+    server.add_argument("--kv-cache-gib", type=int, default=2, help="CPU: the KV cache's size")
+    server.add_argument("vllm_args", nargs="*", help="more arguments for vllm serve (after --)")
+
     sub.add_parser("losses", help="list the registered losses and their parameters")
     return parser
+
+
+def _rollout_server(args) -> int:
+    import subprocess
+
+    from posttrain.models import resolve_model_path
+    from posttrain.rollout.vllm_engine import rollout_server_command
+
+    argv, env = rollout_server_command(args.model, resolve_model_path(args.model), args.port, args.host, args.api_key,
+                                       args.lora_rank, args.dtype, args.max_model_len, args.kv_cache_gib,
+                                       extra=args.vllm_args)
+    print(f"posttrain rollout-server: {args.model} on http://{args.host}:{args.port} (vLLM; Ctrl-C stops it)",
+          file=sys.stderr)
+    try:
+        return subprocess.call(argv, env=env)
+    except KeyboardInterrupt:
+        return 130
 
 
 def _train(args) -> int:
@@ -272,7 +303,8 @@ LEVEL_NOTES = {"grpo": "  [level token for loss_type dapo/bnpo, sequence for grp
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"train": _train, "validate": _validate, "inspect": _inspect, "check": _check, "export": _export,
-                "chat": _chat, "plot": _plot, "eval": _eval, "lm-eval-task": _lm_eval_task, "losses": _losses}
+                "chat": _chat, "plot": _plot, "eval": _eval, "lm-eval-task": _lm_eval_task, "losses": _losses,
+                "rollout-server": _rollout_server}
     try:
         return handlers[args.command](args)
     except PosttrainError as exc:

@@ -158,6 +158,85 @@ def test_a_dead_engine_gives_an_error_not_a_hang(engine_and_policy):
     assert time.time() - t0 < 10
 
 
+@pytest.fixture(scope="module")
+def rollout_server(vllm_model_dir):
+    """`posttrain rollout-server` on a free loopback port, with an API key; its URL once /v1/models answers."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(vllm_model_dir / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "posttrain", "rollout-server", "--model", str(vllm_model_dir),
+                               "--port", str(port), "--api-key", "sesame", "--lora-rank", "8", "--max-model-len",
+                               "256", "--kv-cache-gib", "1"], stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            request = urllib.request.Request(url + "/v1/models", headers={"Authorization": "Bearer sesame"})
+            urllib.request.urlopen(request, timeout=2).read()
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, (vllm_model_dir / "server.log").read_text()[-3000:]
+            time.sleep(1)
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+    log.close()
+
+
+def server_context(policy: Policy, url: str, api_key: str = "sesame") -> EngineContext:
+    policy.context.rollout.vllm.server_url, policy.context.rollout.vllm.api_key = url, api_key
+    return policy.context
+
+
+def test_the_server_engine_syncs_adapters_probes_and_refuses_what_is_wrong(rollout_server, vllm_model_dir, tokenizer,
+                                                                         tmp_path, monkeypatch):
+    from posttrain.errors import RecipeError
+    from posttrain.rollout.vllm_engine import VLLMServerEngine
+
+    policy = Policy(random_adapter(vllm_model_dir, 1), tokenizer, tmp_path / "engine", vllm_model_dir)
+    engine = VLLMServerEngine(server_context(policy, rollout_server))
+    hf = HFGenerateEngine(lambda: policy.model, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    prompts, greedy = prompts_of(tokenizer, 8), SamplingParams(max_new_tokens=8, greedy=True)
+    for version in range(2):
+        if version:
+            perturb(policy.model, 20 + version)
+            policy.step = version
+        ours = engine.generate(prompts, greedy)
+        assert [c.token_ids for c in ours] == [c.token_ids for c in hf.generate(prompts, greedy)]
+        assert engine.last_probe_gap < 1e-4
+    sampled = engine.generate([prompts[0]] * 4, SamplingParams(max_new_tokens=6))
+    assert all(len(c.logprobs) == len(c.token_ids) for c in sampled) and len({tuple(c.token_ids) for c in sampled}) > 1
+    perturb(policy.model, 30, scale=0.2)
+    policy.step += 1
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "load_adapter", lambda *args: None)
+        with pytest.raises(RolloutEngineError, match=f"policy version {policy.step}"):
+            engine.generate(prompts, greedy)
+    with pytest.raises(RecipeError, match="serves .* not the trainer's model 'someone/else'"):
+        other = Policy(policy.model, tokenizer, tmp_path / "other", vllm_model_dir)
+        other.context.model_name = "someone/else"
+        VLLMServerEngine(server_context(other, rollout_server))
+    with pytest.raises(RolloutEngineError, match="refused GET /v1/models: HTTP 401"):
+        VLLMServerEngine(server_context(Policy(policy.model, tokenizer, tmp_path / "k", vllm_model_dir),
+                                        rollout_server, api_key="wrong"))
+    nobody = Policy(policy.model, tokenizer, tmp_path / "n", vllm_model_dir)
+    nobody.context.rollout.vllm.request_retries = 2
+    t0 = time.time()
+    with pytest.raises(RolloutEngineError, match="did not answer GET /v1/models after 2 attempts"):
+        VLLMServerEngine(server_context(nobody, "http://127.0.0.1:9"))
+    assert time.time() - t0 < 10
+
+
 def first_difference_gap(model, prompt: list[int], ours: list[int], theirs: list[int]) -> float:
     """The trainer's logit gap between the two tokens where two greedy completions first differ (a near-tie when
     small: either engine's rounding may pick either)."""
@@ -167,10 +246,12 @@ def first_difference_gap(model, prompt: list[int], ours: list[int], theirs: list
     return abs(float(logits[ours[k]] - logits[theirs[k]]))
 
 
-def test_grpo_through_the_colocated_engine_logs_sync_probe_and_mismatch(vllm_model_dir, tmp_path, monkeypatch):
+def test_grpo_through_the_colocated_engine_logs_sync_probe_and_mismatch(vllm_model_dir, rollout_server, tmp_path,
+                                                                         monkeypatch):
     """3 GRPO updates with rollouts from vLLM (tis correction on): every step synced to its policy version and
-    probed, the mismatch logged and small, and then greedy completions of 32 held-out prompts from the engine equal
-    the hf engine's on the trained adapter (except at a near-tie, gap under 1e-3)."""
+    probed, the mismatch logged and small; then greedy completions of 32 held-out prompts from the colocated engine,
+    from the rollout server and from the hf engine on the trained adapter are identical (except at a near-tie of
+    the trainer's logits, gap under 1e-3)."""
     from test_online import online_recipe, train_steps
 
     monkeypatch.syspath_prepend(str(TESTS))
@@ -210,6 +291,13 @@ def test_grpo_through_the_colocated_engine_logs_sync_probe_and_mismatch(vllm_mod
         assert trainer.engine.version == 3
         theirs = [c.token_ids for c in HFGenerateEngine(lambda: model, trainer.pad_id, [trainer.tokenizer.eos_token_id])
                   .generate(prompts, greedy)]
+        from posttrain.rollout.vllm_engine import VLLMServerEngine
+
+        served = Policy(model, trainer.tokenizer, tmp_path / "served", vllm_model_dir)
+        served.step = 3
+        server_engine = VLLMServerEngine(server_context(served, rollout_server))
+        from_server = [c.token_ids for c in server_engine.generate(prompts, greedy)]
+        assert from_server == ours  # the server and the colocated engine: the same vLLM numerics
         model.eval()
         differing = [first_difference_gap(model, p, a, b) for p, a, b in zip(prompts, ours, theirs) if a != b]
         assert all(gap < 1e-3 for gap in differing), differing
@@ -220,3 +308,17 @@ def test_grpo_through_the_colocated_engine_logs_sync_probe_and_mismatch(vllm_mod
     finally:
         if original_close is not None:
             original_close()
+
+
+def test_grpo_through_the_rollout_server(vllm_model_dir, rollout_server, tmp_path, monkeypatch):
+    from test_online import online_recipe, train_steps
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    out = tmp_path / "run"
+    raw = online_recipe(vllm_model_dir, out, train={"max_steps": 2},
+                        rollout={"engine": "vllm_server", "vllm": {"server_url": rollout_server, "api_key": "sesame"}})
+    Trainer(recipe_from(raw)).train()
+    steps = train_steps(out)
+    assert [m["engine/policy_version"] for m in steps] == [0.0, 1.0]
+    assert all(m["engine/probe_gap"] < 1e-4 and m["mismatch/log_ratio_abs_max"] < 1e-4 for m in steps), steps
+    assert sorted(p.name for p in (out / "rollout-engine" / "rank0").glob("policy-v*")) == ["policy-v1", "policy-v2"]

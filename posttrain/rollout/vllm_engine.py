@@ -28,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -123,6 +124,7 @@ class VLLMEngineBase(GenerationEngine):
         self.calls = 0  # engine calls since the last sync (the seeds' third part)
         self.last_probe_gap: Optional[float] = None
         self.sync_seconds = 0.0
+        self.session = uuid.uuid4().hex[:8]  # in adapter names: runs sharing a server never collide
 
     # --------------------------------------------------------------------------- what a subclass provides
     def load_adapter(self, name: str, lora_id: int, path: Path) -> None:
@@ -157,7 +159,7 @@ class VLLMEngineBase(GenerationEngine):
         with self.context.gather():
             if self.context.lora_rank is not None:
                 path = write_adapter(model, self.work_dir, version)
-                self.adapter = (f"policy-v{version}", version + 1, str(path))
+                self.adapter = (f"policy-v{version}-{self.session}", version + 1, str(path))
                 self.within_deadline(lambda: self.load_adapter(*self.adapter), f"loading policy version {version}")
             else:
                 weights = base_weights(model)
@@ -434,3 +436,27 @@ class VLLMServerEngine(VLLMEngineBase):
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def rollout_server_command(model_name: str, model_path: str, port: int, host: str = "127.0.0.1",
+                           api_key: Optional[str] = None, lora_rank: int = 16, dtype: str = "float32",
+                           max_model_len: int = 2048, kv_cache_gib: int = 2, enforce_eager: bool = True,
+                           extra: Optional[list[str]] = None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of `vllm serve` as `posttrain rollout-server` starts it: the OpenAI-compatible
+    server on `host` (loopback by default) with runtime LoRA loading, prefix caching, the sampled tokens' processed
+    log-probs, and the model served under the name the trainer's recipe gives (`model.name_or_path`)."""
+    import sys
+
+    import_vllm()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+            "--served-model-name", model_name, "--host", host, "--port", str(port), "--dtype", dtype,
+            "--max-model-len", str(max_model_len), "--enable-lora", "--max-lora-rank", str(max_lora_rank(lora_rank)),
+            "--enable-prefix-caching", "--logprobs-mode", "processed_logprobs", "--seed", "0"]
+    if enforce_eager:
+        argv.append("--enforce-eager")
+    if api_key:
+        argv += ["--api-key", api_key]
+    env = dict(os.environ, VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+    if not torch.cuda.is_available():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    return argv + list(extra or []), env
