@@ -111,7 +111,7 @@ class VLLMConfig:
     kv_cache_gib: int = 2  # CPU: the KV cache's size (VLLM_CPU_KVCACHE_SPACE)
     max_model_len: Optional[int] = None  # default: data.max_length + rollout.max_new_tokens
     enforce_eager: bool = True  # no CUDA graphs / compilation (vLLM starts in seconds instead of minutes)
-    probe_tolerance: Optional[float] = None  # max |log-prob gap| after a sync; default 1e-3 in float32, 0.1 in bf16
+    probe_tolerance: Optional[float] = None  # max |log-prob gap| after a sync; default 1e-3 in float32, 0.25 in bf16
     timeout_s: float = 600.0  # one rollout's wall-clock limit; past it the run stops (a hung engine)
     server_url: str = "http://127.0.0.1:8000"  # vllm_server: where `posttrain rollout-server` listens
     api_key: Optional[str] = None  # vllm_server: the server's --api-key
