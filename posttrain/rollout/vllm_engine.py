@@ -99,13 +99,23 @@ def write_adapter(model, work_dir: Path, version: int) -> Path:
 
 
 def base_weights(model) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the full model in Hugging Face checkpoint names (what `load_weights` takes)."""
+    """(name, tensor) of the full model in Hugging Face checkpoint names (what vLLM's loader takes); a tensor tied
+    to one already listed (lm_head to the embedding) is left out, as in a checkpoint."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return [(name, tensor.detach().cpu()) for name, tensor in base.state_dict().items()]
+    seen, out = set(), []
+    for name, tensor in base.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out.append((name, tensor.detach().cpu()))
+    return out
 
 
-def _load_weights_into(model, weights):  # runs inside vLLM's worker: module level so that it pickles
-    model.load_weights(weights=weights)
+def _reload_weights(worker, blob: bytes) -> None:
+    """Runs in vLLM's worker: the full weights in place, through vLLM's own reload (which redoes the processing
+    after loading, e.g. the CPU backend's weight packing)."""
+    from safetensors.torch import load
+
+    worker.reload_weights(weights_iterator=list(load(blob).items()), is_checkpoint_format=True)
 
 
 class VLLMEngineBase(GenerationEngine):
@@ -288,7 +298,10 @@ class VLLMEngine(VLLMEngineBase):
     def load_full_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         import functools
 
-        self.llm.apply_model(functools.partial(_load_weights_into, weights=weights))
+        from safetensors.torch import save
+
+        blob = save({name: tensor.contiguous() for name, tensor in weights})  # safetensors bytes cross the process
+        self.llm.collective_rpc(functools.partial(_reload_weights, blob=blob))
         self.llm.reset_prefix_cache()
 
     def sample(self, prompts, params, seeds):
