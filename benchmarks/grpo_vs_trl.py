@@ -21,10 +21,16 @@ than 0.3 of a core during it (benchmarks/common.py).
     python benchmarks/grpo_vs_trl.py                 # every row on SmolLM2-135M-Instruct (see docs)
     python benchmarks/grpo_vs_trl.py --smoke         # a tiny model, 2 steps, one repeat (< 1 minute)
     python benchmarks/grpo_vs_trl.py --rows trl,posttrain_best
+    python benchmarks/grpo_vs_trl.py --rows trl,posttrain_best,posttrain_best_vllm,posttrain_best_vllm_server
+
+The vLLM rows (the `vllm` extra) sample with vLLM's kernels, so their completions differ from the hf rows'; they
+add the sync time per step (adapter written, loaded and probed) and the largest engine/trainer mismatch
+|log pi_old - log pi_engine|. Peak RSS is the trainer process's (vLLM's engine core is a child process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
@@ -56,6 +62,9 @@ ROWS = {
     "trl_bf16": {"side": "trl", "gradient_checkpointing": False, "bf16": True},
     "posttrain_best_bf16": {"side": "posttrain", **BEST, "bf16": True},
     "posttrain_best_bf16_weights": {"side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16"},
+    # rollouts from vLLM (issue 13): colocated, and a `posttrain rollout-server` the child starts on loopback
+    "posttrain_best_vllm": {"side": "posttrain", **BEST, "engine": "vllm"},
+    "posttrain_best_vllm_server": {"side": "posttrain", **BEST, "engine": "vllm_server"},
 }
 SMOKE_ROWS = ["trl", "posttrain_plain", "posttrain_best"]
 
@@ -174,7 +183,8 @@ def posttrain_recipe(spec: dict) -> dict:
         "rollout": {"group_size": G, "max_new_tokens": N, "min_new_tokens": N, "temperature": spec["temperature"],
                     "top_p": 1.0, "top_k": 0, "generation_batch_size": spec["prompts_per_step"] * G,
                     "reward_workers": 0, "prefill_once": spec["prefill_once"],
-                    "static_cache": spec.get("static_cache", False)},
+                    "static_cache": spec.get("static_cache", False), "engine": spec.get("engine", "hf"),
+                    "vllm": {"server_url": spec.get("server_url", "http://127.0.0.1:8000"), "kv_cache_gib": 1}},
         "train": {"optimizer": "adamw", "lr": spec["lr"], "lr_scheduler": "constant", "warmup_steps": 0,
                   "batch_size": spec["prompts_per_step"], "micro_batch_size": spec["micro_prompts"],
                   "max_steps": spec["steps"], "max_grad_norm": 1.0, "bf16": spec["bf16"],
@@ -186,6 +196,50 @@ def posttrain_recipe(spec: dict) -> dict:
 
 
 def run_posttrain(spec: dict) -> dict:
+    """The row's steps; the vLLM rows also report the peak RSS of the engine's own processes (vLLM's engine core,
+    or the server), which have ended by then."""
+    import resource
+
+    if spec.get("engine") == "vllm_server":
+        with rollout_server(spec["model"]) as url:
+            out = run_posttrain_steps({**spec, "server_url": url})
+    else:
+        out = run_posttrain_steps(spec)
+    return {**out, "engine_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+@contextlib.contextmanager
+def rollout_server(model_dir: str):
+    """`posttrain rollout-server` on a free loopback port for the vllm_server row; its URL once it answers."""
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "posttrain", "rollout-server", "--model", model_dir, "--port",
+                               str(port), "--lora-rank", "16", "--max-model-len", "1024", "--kv-cache-gib", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the rollout server did not start (exit code {server.poll()})")
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def run_posttrain_steps(spec: dict) -> dict:
     import torch
 
     from posttrain.recipe import load_recipe
@@ -205,10 +259,14 @@ def run_posttrain(spec: dict) -> dict:
         wall = time.perf_counter() - started
         prompts = [trainer.train_prompt_ids[(step * B + k) % len(trainer.train_prompt_ids)] for k in range(B)]
         steps.append({"wall": wall, "generation": record["time/generation"], "rewards": record["time/rewards"],
+                      "sync": record.get("time/sync", 0.0), "probe_gap": record.get("engine/probe_gap", 0.0),
+                      "mismatch_mean": record["mismatch/log_ratio_mean"],
+                      "mismatch_max": record["mismatch/log_ratio_abs_max"],
                       "loss": record["loss"], "reward": record["reward/mean"], "prompt_ids": prompts,
                       "completion_lengths": [record["completions/max_length"]],
                       "mean_completion_length": record["completions/mean_length"],
                       "train_tokens": int(record["num_tokens"])})
+    trainer.engine.close()
     return {"steps": steps, "setup_s": setup_s, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -286,13 +344,18 @@ def summarise(name: str, settings: dict, repeats: list[dict], drop: int, complet
         gen_tokens = len(kept) * completions_per_step * max_new_tokens
         train_tokens = sum(s["train_tokens"] for s in kept)
         per_repeat.append({"s_per_step": wall / len(kept), "generation_s_per_step": generation / len(kept),
+                           "sync_s_per_step": sum(s.get("sync", 0.0) for s in kept) / len(kept),
+                           "mismatch_mean": max(abs(s.get("mismatch_mean", 0.0)) for s in kept),
+                           "mismatch_max": max(s.get("mismatch_max", 0.0) for s in kept),
                            "rewards_s_per_step": rewards / len(kept), "train_s_per_step": train / len(kept),
                            "generation_tokens_per_s": gen_tokens / generation, "train_tokens_per_s": train_tokens / train,
-                           "peak_rss_mb": run["peak_rss_mb"], "load_average": run["load"]["load_average"],
+                           "peak_rss_mb": run["peak_rss_mb"], "engine_peak_rss_mb": run.get("engine_peak_rss_mb", 0.0),
+                           "load_average": run["load"]["load_average"],
                            "other_cpu": run["load"]["other_cpu"], "losses": [s["loss"] for s in run["steps"]],
                            "rewards": [s["reward"] for s in run["steps"]]})
     keys = ("s_per_step", "generation_s_per_step", "rewards_s_per_step", "train_s_per_step",
-            "generation_tokens_per_s", "train_tokens_per_s", "peak_rss_mb")
+            "generation_tokens_per_s", "train_tokens_per_s", "peak_rss_mb", "engine_peak_rss_mb", "sync_s_per_step",
+            "mismatch_mean", "mismatch_max")
     median = {key: statistics.median(r[key] for r in per_repeat) for key in keys}
     median["generation_share_of_bound"] = bound_s / median["generation_s_per_step"]
     others = [r["other_cpu"] for r in per_repeat]
@@ -303,17 +366,19 @@ def summarise(name: str, settings: dict, repeats: list[dict], drop: int, complet
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("| row | s/step | generation s | share of bound | rewards s | training s | generation tok/s "
-            "| training tok/s | peak RSS MB | s/step: TRL / this | compared with | other load |")
+    head = ("| row | s/step | generation s | share of bound | sync s | rewards s | training s | generation tok/s "
+            "| training tok/s | peak RSS MB (engine) | s/step: TRL / this | compared with | max mismatch | other load |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         ratio = r.get("vs_trl", {})
         speedup = f"{ratio['speedup']:.2f}x" if ratio else "-"
+        engine_rss = f" ({r['engine_peak_rss_mb']:.0f})" if r["settings"].get("engine", "hf") != "hf" else ""
         print(f"| {r['name']} | {r['s_per_step']:.2f} | {r['generation_s_per_step']:.2f} "
-              f"| {r['generation_share_of_bound']:.0%} | {r['rewards_s_per_step']:.3f} | {r['train_s_per_step']:.2f} | {r['generation_tokens_per_s']:.1f} "
-              f"| {r['train_tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} "
-              f"| {speedup} | {ratio.get('row', '-')} "
+              f"| {r['generation_share_of_bound']:.0%} | {r['sync_s_per_step']:.3f} | {r['rewards_s_per_step']:.3f} "
+              f"| {r['train_s_per_step']:.2f} | {r['generation_tokens_per_s']:.1f} "
+              f"| {r['train_tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f}{engine_rss} "
+              f"| {speedup} | {ratio.get('row', '-')} | {r['mismatch_max']:.2g} "
               f"| {max(r['other_cpu']):.2f}{' (loaded)' if r['loaded'] else ''} |")
 
 
