@@ -98,6 +98,9 @@ def _range_problems(recipe: Recipe) -> list[str]:
         (recipe.rollout.mismatch.cap > 1, f"rollout.mismatch.cap must be above 1, got {recipe.rollout.mismatch.cap}."),
         (recipe.rollout.vllm.timeout_s > 0, "rollout.vllm.timeout_s must be positive."),
         (recipe.rollout.vllm.request_retries >= 1, "rollout.vllm.request_retries must be at least 1."),
+        (recipe.rollout.engine != "vllm_server" or recipe.lora.enabled,
+         "rollout.engine vllm_server loads LoRA adapters only; turn lora.enabled on, or use rollout.engine vllm "
+         "(colocated), which loads full weights."),
     ]
     problems = [message for ok, message in checks if not ok]
     problems += tracker_problems(recipe.logging)

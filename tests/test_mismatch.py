@@ -69,3 +69,17 @@ def test_with_the_hf_engine_the_mismatch_is_exactly_zero(tiny_model_dir, tmp_pat
     for m in steps:
         assert m["mismatch/log_ratio_mean"] == 0.0 and m["mismatch/log_ratio_abs_max"] == 0.0
         assert m["mismatch/above_cap_share"] == 0.0 and m["mismatch/outside_band_share"] == 0.0
+
+
+def test_the_recipe_check_refuses_bad_engine_settings(tiny_model_dir, tmp_path):
+    from test_online import online_recipe
+
+    from posttrain.errors import RecipeError
+
+    raw = online_recipe(tiny_model_dir, tmp_path / "run", rollout={"engine": "vllm_server",
+                                                                     "mismatch": {"cap": 1.0}})
+    raw["lora"] = {"enabled": False}
+    with pytest.raises(RecipeError) as caught:
+        recipe_from(raw)
+    assert "rollout.mismatch.cap must be above 1" in str(caught.value)
+    assert "rollout.engine vllm_server loads LoRA adapters only" in str(caught.value)

@@ -11,12 +11,13 @@ Contract (what an engine must do; docs/online_rl.md, "Adding a generation engine
   stop token (which is kept: it counts in the loss as the end of the turn), or `max_new_tokens`
   tokens when no stop token came (`truncated = True`). No padding.
 - Sampling follows `params` (temperature, top-p, top-k, length limits) from the *current* policy,
-  adapters on. The trainer never uses the engine's scores: old-policy log-probs come from its own
-  forward pass (logits / temperature), so an engine with other numerics (vLLM's kernels) still gives
-  exact PPO ratios.
+  adapters on. Old-policy log-probs come from the trainer's own forward pass (logits / temperature), so
+  an engine with other numerics (vLLM's kernels) still gives exact PPO ratios; the engine's own log-probs
+  of the sampled tokens (`Completion.logprobs`, optional) only measure and correct the engine/trainer
+  mismatch (posttrain.core.mismatch).
 - `sync_weights(model)` is called before each rollout: an engine that keeps its own copy of the
-  weights (vLLM) loads the trainer's current weights there; the HF engine generates with the
-  training model itself and needs nothing.
+  weights (vLLM, posttrain.rollout.vllm_engine) loads the trainer's current weights there; the HF engine
+  generates with the training model itself and needs nothing.
 - An engine is built as `Engine.from_context(context)` with an `EngineContext` (the policy, tokenizer,
   stop tokens, the recipe's rollout section, the ZeRO-3 gather and precision contexts, the current
   step); the default `from_context` calls `Engine(context)`. Recipes name engines by their registered

@@ -124,7 +124,6 @@ class VLLMEngineBase(GenerationEngine):
 
     def __init__(self, context: EngineContext):
         self.context = context
-        self.rollout = context.rollout
         self.config = context.rollout.vllm
         self.stop_ids = sorted(int(i) for i in context.stop_ids)
         self.tolerance = probe_tolerance(context.rollout, context.dtype)
@@ -175,8 +174,9 @@ class VLLMEngineBase(GenerationEngine):
             else:
                 weights = base_weights(model)
                 self.within_deadline(lambda: self.load_full_weights(weights), f"loading policy version {version}")
-        self.version, self.calls = version, 0
+        self.version = None  # until the probe has passed, the engine holds no known version
         self.probe(model, version)
+        self.version, self.calls = version, 0
         self.sync_seconds = time.time() - t0
 
     def probe(self, model, version: int) -> float:
@@ -385,9 +385,6 @@ class VLLMServerEngine(VLLMEngineBase):
 
     def __init__(self, context: EngineContext):
         super().__init__(context)
-        if context.lora_rank is None:
-            raise RecipeError("rollout.engine 'vllm_server' syncs LoRA adapters only; turn lora.enabled on, or use "
-                              "rollout.engine 'vllm' (colocated), which loads full weights.")
         self.url = self.config.server_url.rstrip("/")
         self.served_adapter: Optional[str] = None  # what every request samples with until the next sync
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rollout-request")
@@ -430,7 +427,7 @@ class VLLMServerEngine(VLLMEngineBase):
             self.request("POST", "/v1/unload_lora_adapter", {"lora_name": previous})
 
     def load_full_weights(self, weights) -> None:
-        raise RecipeError("rollout.engine 'vllm_server' cannot load full weights; use LoRA.")
+        raise RecipeError("rollout.engine vllm_server loads LoRA adapters only (the recipe check refuses lora off).")
 
     def completion_body(self, prompt: list[int], **fields) -> dict:
         return {"model": self.served_adapter or self.context.model_name, "prompt": prompt,
