@@ -275,7 +275,7 @@ class VLLMEngine(VLLMEngineBase):
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(c.kv_cache_gib))
         if ctx.lora_rank is None:
-            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # load_weights is sent to the worker pickled
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the reload function goes to the worker pickled
         kwargs = dict(model=ctx.model_path, tokenizer=ctx.model_path, dtype=ctx.dtype, seed=ctx.seed,
                       enforce_eager=c.enforce_eager, enable_prefix_caching=True,
                       max_model_len=c.max_model_len or ctx.max_model_len, tensor_parallel_size=c.tensor_parallel_size,
