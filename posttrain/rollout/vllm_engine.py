@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from posttrain.checkpoint import save_trainable
 from posttrain.errors import RecipeError, RolloutEngineError
 from posttrain.rollout.engine import (ENGINES, Completion, EngineContext, GenerationEngine, SamplingParams,
                                       cut_at_stop)
@@ -87,7 +88,7 @@ def write_adapter(model, work_dir: Path, version: int) -> Path:
     target = work_dir / f"policy-v{version}"
     tmp = work_dir / f".tmp-policy-v{version}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
+    save_trainable(model, tmp)
     saved = tmp / "default" if (tmp / "default" / "adapter_config.json").is_file() else tmp
     shutil.rmtree(target, ignore_errors=True)
     os.replace(saved, target)
