@@ -26,6 +26,10 @@ than 0.3 of a core during it (benchmarks/common.py).
 The vLLM rows (the `vllm` extra) sample with vLLM's kernels, so their completions differ from the hf rows'; they
 add the sync time per step (adapter written, loaded and probed) and the largest engine/trainer mismatch
 |log pi_old - log pi_engine|. Peak RSS is the trainer process's (vLLM's engine core is a child process).
+The `_stale` rows roll out one step ahead (`rollout.max_staleness: 1`): with vLLM the next step's completions are
+sampled while this step trains, so its generation time overlaps training and only s/step tells the gain.
+
+    python benchmarks/grpo_vs_trl.py --rows posttrain_best,posttrain_best_stale,posttrain_best_vllm,posttrain_best_vllm_stale
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ ROWS = {
     # rollouts from vLLM (issue 13): colocated, and a `posttrain rollout-server` the child starts on loopback
     "posttrain_best_vllm": {"side": "posttrain", **BEST, "engine": "vllm"},
     "posttrain_best_vllm_server": {"side": "posttrain", **BEST, "engine": "vllm_server"},
+    # one-step off-policy rollouts (rollout.max_staleness 1): vLLM samples step k+1 while step k trains
+    "posttrain_best_vllm_stale": {"side": "posttrain", **BEST, "engine": "vllm", "max_staleness": 1},
+    "posttrain_best_stale": {"side": "posttrain", **BEST, "max_staleness": 1},
 }
 SMOKE_ROWS = ["trl", "posttrain_plain", "posttrain_best"]
 
@@ -184,6 +191,7 @@ def posttrain_recipe(spec: dict) -> dict:
                     "top_p": 1.0, "top_k": 0, "generation_batch_size": spec["prompts_per_step"] * G,
                     "reward_workers": 0, "prefill_once": spec["prefill_once"],
                     "static_cache": spec.get("static_cache", False), "engine": spec.get("engine", "hf"),
+                    "max_staleness": spec.get("max_staleness", 0),
                     "vllm": {"server_url": spec.get("server_url", "http://127.0.0.1:8000"), "kv_cache_gib": 1}},
         "train": {"optimizer": "adamw", "lr": spec["lr"], "lr_scheduler": "constant", "warmup_steps": 0,
                   "batch_size": spec["prompts_per_step"], "micro_batch_size": spec["micro_prompts"],
@@ -266,6 +274,7 @@ def run_posttrain_steps(spec: dict) -> dict:
                       "completion_lengths": [record["completions/max_length"]],
                       "mean_completion_length": record["completions/mean_length"],
                       "train_tokens": int(record["num_tokens"])})
+    trainer.step.close()
     trainer.engine.close()
     return {"steps": steps, "setup_s": setup_s, "peak_rss_mb": peak_rss_mb()}
 

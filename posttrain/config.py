@@ -155,6 +155,9 @@ class RolloutConfig:
     max_resample_rounds: int = 2  # with the filter: rounds of extra prompts to refill the batch
     eval_max_new_tokens: Optional[int] = None  # greedy held-out evaluation; default max_new_tokens
     advantage_estimator: Optional[str] = None  # group_mean | group_mean_std | batch_std | leave_one_out | none
+    # 0: each step samples from the current policy; 1: step k trains on what version k-1 sampled, rolled out while
+    # step k-1 trained (engines with their own weights; the hf engine has no overlap), ratio against that version
+    max_staleness: int = 0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     mismatch: MismatchConfig = field(default_factory=MismatchConfig)
 

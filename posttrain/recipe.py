@@ -95,6 +95,8 @@ def _range_problems(recipe: Recipe) -> list[str]:
         (recipe.rollout.updates_per_batch >= 1, "rollout.updates_per_batch must be at least 1."),
         (recipe.rollout.reward_timeout > 0, "rollout.reward_timeout must be positive."),
         (recipe.rollout.max_resample_rounds >= 0, "rollout.max_resample_rounds must be >= 0."),
+        (recipe.rollout.max_staleness in (0, 1), f"rollout.max_staleness must be 0 (on-policy) or 1 (one-step "
+                                                 f"off-policy), got {recipe.rollout.max_staleness}."),
         (recipe.rollout.mismatch.cap > 1, f"rollout.mismatch.cap must be above 1, got {recipe.rollout.mismatch.cap}."),
         (recipe.rollout.vllm.timeout_s > 0, "rollout.vllm.timeout_s must be positive."),
         (recipe.rollout.vllm.request_retries >= 1, "rollout.vllm.request_retries must be at least 1."),

@@ -160,6 +160,10 @@ class Trainer:
         sampler = build_sampler(r.sampler.name, len(self.train_examples), r.run.seed, self.search_dirs,
                                 **r.sampler.params)
         stage = zero_stage(acc)
+        if stage == 3 and r.rollout.max_staleness:
+            raise RecipeError("rollout.max_staleness 1 is not available under DeepSpeed ZeRO-3 yet (the trainable "
+                              "weights of the version that sampled are kept whole on each process); use ZeRO-2 or "
+                              "set rollout.max_staleness: 0.")
         self.engine = engine = online_setup.build_engine(r.rollout.engine, EngineContext(
             policy=ctx.peft_model, tokenizer=self.tokenizer, pad_id=self.pad_id,
             stop_ids=online_setup.stop_token_ids(self.tokenizer), rollout=r.rollout,
@@ -178,7 +182,8 @@ class Trainer:
             completions.unlink(missing_ok=True)
         return GroupStep(ctx, self.loss, sampler, collector(self.train_examples, self.train_prompt_ids,
                                                             r.rollout.truncated, r.rollout.truncated_reward),
-                         r.rollout, r.train.batch_size, online_setup.sampling_params(r.rollout), completions)
+                         r.rollout, r.train.batch_size, online_setup.sampling_params(r.rollout),
+                         self.plan.total_steps, completions)
 
     def _configure_deepspeed(self) -> None:
         """Hand the recipe's batch geometry and clipping to DeepSpeed (no dataloader is prepared, so
@@ -259,6 +264,7 @@ class Trainer:
         greedy pass@1 on the held-out prompts (posttrain.eval.generation)."""
         step = int(getattr(self.scheduler, "last_epoch", 0)) if not self.online else self.current_step
         if self.online:
+            self.step.settle()
             return greedy_evaluation(self.heldout_collector, self.heldout_examples,
                                      online_setup.sampling_params(self.recipe.rollout, greedy=True), self.output_dir,
                                      step, self.accelerator.is_main_process and self.recipe.eval.report)
@@ -407,6 +413,7 @@ class Trainer:
                                          before, after))
         self.metrics.close()
         if self.online:
+            self.step.close()
             self.rewards.close()
             self.engine.close()
         acc.wait_for_everyone()

@@ -14,6 +14,8 @@ import torch
 import yaml
 
 from helpers import recipe_from, tiny_recipe
+from posttrain.callbacks import Callback
+from posttrain.checkpoint_state import named_trainable
 from posttrain.losses import register_loss
 from posttrain.losses.grpo import GRPOLoss
 from posttrain.plan import split_groups
@@ -207,7 +209,9 @@ class InspectingGRPO(GRPOLoss):
         SEEN.append({"log_ratio": (inputs.logps - inputs.old()).abs().max().item() if inputs.old_logps is not None
                      else None, "groups": inputs.group_index[real].tolist(), "rows": int(real.sum()),
                      "counts": counts, "advantages": inputs.advantages.clone(),
-                     "rewards": inputs.rewards[real].tolist()})
+                     "rewards": inputs.rewards[real].tolist(),
+                     "old_logps": inputs.old_logps[real].clone() if inputs.old_logps is not None else None,
+                     "token_ids": inputs.token_ids[real].tolist(), "mask": inputs.mask[real].clone()})
         return super().step_loss(inputs, counts)
 
 
@@ -259,6 +263,63 @@ def test_several_updates_per_rollout_use_the_old_policy(tiny_model_dir, tmp_path
     assert torch.equal(first["advantages"], second["advantages"])  # one rollout batch, advantages computed once
     lines = train_steps(tmp_path / "run")
     assert "update2/loss" in lines[0] and lines[0]["learning_rate"] == 1e-2
+
+
+WEIGHTS: dict[int, dict[str, torch.Tensor]] = {}
+
+
+class TrainableAfterEachStep(Callback):
+    def on_step_end(self, event):
+        WEIGHTS[event.step] = {name: p.detach().clone() for name, p in event.trainable}
+
+
+def completion_logps(model, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    """Per-token log-probs of a completion under `model`: one plain forward of prompt + completion."""
+    ids = torch.tensor([prompt_ids + completion_ids], device="cpu")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float()
+    return logits.log_softmax(-1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0]
+
+
+def test_one_step_off_policy_rollouts_train_on_the_previous_version_against_its_log_probs(tiny_model_dir, tmp_path):
+    SEEN.clear()
+    WEIGHTS.clear()
+    out = tmp_path / "run"
+    raw = online_recipe(tiny_model_dir, out, loss="test_inspecting_grpo", rollout={"max_staleness": 1},
+                        train={"max_steps": 3, "micro_batch_size": 4}, eval={"at_start": False, "at_end": False},
+                        run={"callbacks": ["test_online:TrainableAfterEachStep"]})
+    trainer = Trainer(recipe_from(raw))
+    trainer.setup()
+    batches: dict[int, list[RolloutRecord]] = {}
+    finish = trainer.step.collector.finish
+
+    def finish_and_keep(future, stats=None):
+        records = finish(future, stats)
+        batches.setdefault(trainer.current_step, []).extend(records)
+        return records
+
+    trainer.step.collector.finish = finish_and_keep
+    model = trainer.peft_model
+    WEIGHTS[0] = {name: p.detach().clone() for name, p in named_trainable(model)}
+    trainer.train()
+    assert [m["rollout/staleness"] for m in train_steps(out)] == [0.0, 1.0, 1.0]
+    assert [{rec.policy_version for rec in batches[k]} for k in range(3)] == [{0}, {0}, {1}]
+    assert SEEN[0]["old_logps"] is None  # on-policy first step, one update: pi_old is the current policy
+    params = dict(named_trainable(model))
+    model.eval()
+    for k in (1, 2):  # step k trains on what version k - 1 sampled; pi_old is that version's forward
+        seen, records = SEEN[k], batches[k]
+        assert seen["log_ratio"] > 1e-4
+        for version, close in ((k - 1, True), (k, False)):
+            with torch.no_grad():
+                for name, value in WEIGHTS[version].items():
+                    params[name].copy_(value)
+            for row, (group, ids) in enumerate(zip(seen["groups"], seen["token_ids"])):
+                n = int(seen["mask"][row].sum())
+                rec = next(r for r in records if r.group == group and r.completion_ids == ids[:n])
+                gap = (completion_logps(model, rec.prompt_ids, rec.completion_ids)
+                       - seen["old_logps"][row, :n].float()).abs().max().item()
+                assert (gap < 1e-4) == close, (k, version, row, gap)
 
 
 def test_zero_variance_filter_resamples_and_trains_only_on_informative_groups(tiny_model_dir, tmp_path):

@@ -315,13 +315,18 @@ def test_grpo_through_the_rollout_server(vllm_model_dir, rollout_server, tmp_pat
 
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "run"
-    raw = online_recipe(vllm_model_dir, out, train={"max_steps": 2},
-                        rollout={"engine": "vllm_server", "vllm": {"server_url": rollout_server, "api_key": "sesame"}})
+    raw = online_recipe(vllm_model_dir, out, train={"max_steps": 3},
+                        rollout={"engine": "vllm_server", "max_staleness": 1,
+                                 "vllm": {"server_url": rollout_server, "api_key": "sesame"}})
     Trainer(recipe_from(raw)).train()
     steps = train_steps(out)
-    assert [m["engine/policy_version"] for m in steps] == [0.0, 1.0]
+    # one-step off-policy: step k trains on what version k - 1 sampled (in the background while step k - 1 trained)
+    assert [m["engine/policy_version"] for m in steps] == [0.0, 1.0, 2.0]
+    assert [m["rollout/staleness"] for m in steps] == [0.0, 1.0, 1.0]
+    # pi_old is the trainer's forward with the sampling version's weights, so it matches the engine's log-probs
+    # (with the current weights, a step of lr 1e-2 would put them far apart)
     assert all(m["engine/probe_gap"] < 1e-4 and m["mismatch/log_ratio_abs_max"] < 1e-4 for m in steps), steps
-    assert sorted(p.name for p in (out / "rollout-engine" / "rank0").glob("policy-v*")) == ["policy-v1", "policy-v2"]
+    assert sorted(p.name for p in (out / "rollout-engine" / "rank0").glob("policy-v*")) == ["policy-v2", "policy-v3"]
 
 
 def test_without_lora_the_full_weights_are_reloaded_and_probed(vllm_model_dir, tokenizer, tmp_path):

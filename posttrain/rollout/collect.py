@@ -8,6 +8,7 @@ A group never crosses processes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -32,6 +33,7 @@ class RolloutRecord:
     success: bool = False
     demonstration: bool = False  # a gold demonstration that replaced its group's rollouts (HPT)
     engine_logprobs: Optional[list[float]] = None  # the engine's log-probs of the completion (None: the trainer's)
+    policy_version: int = 0  # the policy version (optimiser steps taken) that sampled it
 
 
 @dataclass
@@ -59,14 +61,35 @@ class RolloutCollector:
         self.truncated, self.truncated_reward = truncated, truncated_reward
         self.world, self.rank = world, rank
         self.gather_object = gather_object
+        self.pool: Optional[concurrent.futures.ThreadPoolExecutor] = None  # background rollouts
 
     def collect(self, indices: list[int], group_size: int, params: SamplingParams, first_group: int = 0,
-                stats: Optional[RolloutStats] = None) -> list[RolloutRecord]:
-        """Records of all groups, in group order, on every process."""
-        stats = stats if stats is not None else RolloutStats()
+                stats: Optional[RolloutStats] = None, version: int = 0) -> list[RolloutRecord]:
+        """Records of all groups, in group order, on every process; `version` is the policy version sampling."""
+        return self.finish(self.start(indices, group_size, params, first_group, version), stats)
+
+    def start(self, indices: list[int], group_size: int, params: SamplingParams, first_group: int = 0,
+              version: int = 0, background: bool = False) -> concurrent.futures.Future:
+        """Generate and score this process's share of the groups: on a background thread when `background` (the
+        engine must be `concurrent`; it samples the weights it holds, without a sync), else now. `finish` gathers
+        the result; nothing here talks to the other processes, so training may run while a background rollout
+        goes on."""
         mine = [x for x in round_robin([(first_group + k, i) for k, i in enumerate(indices)], self.rank, self.world)
                 if x is not None]
-        local = self._generate_and_score(mine, group_size, params, stats) if mine else []
+        if background:
+            if self.pool is None:
+                self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-rollout")
+            return self.pool.submit(self._generate_and_score, mine, group_size, params, version, True)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(self._generate_and_score(mine, group_size, params, version, False))
+        return done
+
+    def finish(self, pending: concurrent.futures.Future, stats: Optional[RolloutStats] = None) -> list[RolloutRecord]:
+        """The records of a started rollout, of all processes, in group order (a collective when world > 1)."""
+        stats = stats if stats is not None else RolloutStats()
+        local, generation_seconds, reward_seconds = pending.result()
+        stats.generation_seconds += generation_seconds
+        stats.reward_seconds += reward_seconds
         if self.world == 1:
             return local
         t0 = time.time()
@@ -74,16 +97,24 @@ class RolloutCollector:
         stats.gather_seconds += time.time() - t0
         return sorted(records, key=lambda r: r.group)
 
-    def _generate_and_score(self, mine, group_size, params, stats) -> list[RolloutRecord]:
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+    def _generate_and_score(self, mine, group_size, params, version: int,
+                            held: bool) -> tuple[list[RolloutRecord], float, float]:
+        if not mine:
+            return [], 0.0, 0.0
         prompts = [self.prompt_ids[i] for _, i in mine for _ in range(group_size)]
         t0 = time.time()
-        completions = self.engine.generate(prompts, params)
-        stats.generation_seconds += time.time() - t0
+        completions = (self.engine.generate_held if held else self.engine.generate)(prompts, params)
+        generation_seconds = time.time() - t0
         texts = [self.decode(c.token_ids) for c in completions]
         examples = [self.examples[i] for _, i in mine for _ in range(group_size)]
         t0 = time.time()
         results = self.rewards.score(texts, examples)
-        stats.reward_seconds += time.time() - t0
+        reward_seconds = time.time() - t0
         records = []
         for k, (completion, text, result) in enumerate(zip(completions, texts, results)):
             group, index = mine[k // group_size]
@@ -94,5 +125,7 @@ class RolloutCollector:
             success = components.get(self.success_component, reward) >= self.success_threshold
             records.append(RolloutRecord(index, group, self.prompt_ids[index], completion.token_ids,
                                          completion.truncated, text, reward, components, result.answer, success,
-                                         engine_logprobs=completion.logprobs))
-        return records
+                                         engine_logprobs=completion.logprobs,
+                                         policy_version=version if completion.policy_version is None
+                                         else completion.policy_version))
+        return records, generation_seconds, reward_seconds

@@ -18,6 +18,9 @@ Contract (what an engine must do; docs/online_rl.md, "Adding a generation engine
 - `sync_weights(model)` is called before each rollout: an engine that keeps its own copy of the
   weights (vLLM, posttrain.rollout.vllm_engine) loads the trainer's current weights there; the HF engine
   generates with the training model itself and needs nothing.
+- `concurrent`: whether `generate_held` may run on a background thread while the trainer updates the policy
+  (one-step off-policy rollouts, `rollout.max_staleness: 1`); true for an engine with its own weights. Such
+  an engine stamps each completion with the policy version it sampled (`Completion.policy_version`).
 - An engine is built as `Engine.from_context(context)` with an `EngineContext` (the policy, tokenizer,
   stop tokens, the recipe's rollout section, the ZeRO-3 gather and precision contexts, the current
   step); the default `from_context` calls `Engine(context)`. Recipes name engines by their registered
@@ -52,6 +55,7 @@ class Completion:
     token_ids: list[int]
     truncated: bool  # no stop token within max_new_tokens
     logprobs: Optional[list[float]] = None  # the engine's log-prob of each sampled token; None: the trainer's own
+    policy_version: Optional[int] = None  # the engine's policy version that sampled it; None: the trainer's current
 
 
 @dataclass
@@ -85,6 +89,7 @@ class GenerationEngine:
     """Base class of generation engines (see the module docstring for the contract)."""
 
     name = ""
+    concurrent = False
 
     @classmethod
     def from_context(cls, context: EngineContext) -> "GenerationEngine":
@@ -95,6 +100,10 @@ class GenerationEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         raise NotImplementedError  # abstractmethod: every engine defines it
+
+    def generate_held(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """`generate` from the weights the engine holds now, without a sync: what a background rollout calls."""
+        return self.generate(prompts, params)
 
     def metrics(self) -> dict[str, float]:
         """Numbers of the last rollout to log with the step (an engine with its own weights: its sync and probe)."""

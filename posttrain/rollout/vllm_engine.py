@@ -121,7 +121,11 @@ def _reload_weights(worker, blob: bytes) -> None:
 
 class VLLMEngineBase(GenerationEngine):
     """What both vLLM engines share: policy versions, their sync and probe, request seeds, the deadline.
-    A subclass says how to load an adapter or full weights, how to sample, and how to score the probe."""
+    A subclass says how to load an adapter or full weights, how to sample, and how to score the probe.
+    Calls are serialised, so a background rollout (rollout.max_staleness 1) and a sync or evaluation on the
+    training thread never reach the engine at once."""
+
+    concurrent = True
 
     def __init__(self, context: EngineContext):
         self.context = context
@@ -136,6 +140,7 @@ class VLLMEngineBase(GenerationEngine):
         self.last_probe_gap: Optional[float] = None
         self.sync_seconds = 0.0
         self.session = uuid.uuid4().hex[:8]  # in adapter names: runs sharing a server never collide
+        self.lock = threading.RLock()  # one engine call at a time: a background rollout, a sync, an evaluation
 
     # --------------------------------------------------------------------------- what a subclass provides
     def load_adapter(self, name: str, lora_id: int, path: Path) -> None:
@@ -163,7 +168,10 @@ class VLLMEngineBase(GenerationEngine):
     # --------------------------------------------------------------------------- sync and probe
     def sync_weights(self, model) -> None:
         """Bring the engine to the trainer's current policy version (no-op when it holds it), then probe it."""
-        version = int(self.context.current_step())
+        with self.lock:
+            self._sync(model, int(self.context.current_step()))
+
+    def _sync(self, model, version: int) -> None:
         if version == self.version:
             return
         t0 = time.time()
@@ -201,15 +209,24 @@ class VLLMEngineBase(GenerationEngine):
 
     # --------------------------------------------------------------------------- generation
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        self.sync_weights(self.context.policy())
-        seeds = [request_seed(self.context.seed, self.version, self.calls, k) for k in range(len(prompts))]
-        self.calls += 1
-        results = self.within_deadline(lambda: self.sample(prompts, params, seeds),
-                                       f"sampling {len(prompts)} completions")
+        with self.lock:
+            self.sync_weights(self.context.policy())
+            return self.generate_held(prompts, params)
+
+    def generate_held(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        with self.lock:
+            version = self.version
+            if version is None:
+                raise RolloutEngineError(f"the {self.name} engine holds no probed policy version yet; sync it first.")
+            seeds = [request_seed(self.context.seed, version, self.calls, k) for k in range(len(prompts))]
+            self.calls += 1
+            results = self.within_deadline(lambda: self.sample(prompts, params, seeds),
+                                           f"sampling {len(prompts)} completions")
         out = []
         for tokens, logprobs in results:
             completion = cut_at_stop(list(tokens), set(self.stop_ids), params.max_new_tokens)
             completion.logprobs = [float(x) for x in logprobs[:len(completion.token_ids)]]
+            completion.policy_version = version
             out.append(completion)
         return out
 

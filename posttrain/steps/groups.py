@@ -15,13 +15,22 @@ Per step (docs/online_rl.md):
    c_t = -dL/dlp_t (posttrain.core.unified). pi_old comes from a no-grad pass over the rollout tokens
    (logits / temperature, dropout off) when there is more than one update or the recipe asks for it;
    with one update it is the current policy detached, so the ratio is exactly 1.
+
+With `rollout.max_staleness: 1` (one-step off-policy), step k trains on rollouts that policy version k-1
+sampled: at the end of step k-1's collection the next batch's prompts are chosen and rolled out, on a
+background thread while step k-1 trains when the engine holds its own weights (vllm, vllm_server), else at
+once on the training model (hf: no overlap, the same data). Each record carries the version that sampled it;
+pi_old of a stale record is the trainer's forward with that version's trainable weights (kept as a snapshot),
+so the importance ratio is against the policy that sampled.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -43,11 +52,13 @@ class GroupStep:
     `completions_log` (process 0 with `logging.completions`), every rollout is appended there as a JSON line."""
 
     def __init__(self, ctx: StepContext, loss: LossPlugin, sampler, collector: RolloutCollector,
-                 rollout: RolloutConfig, batch_size: int, params: SamplingParams,
+                 rollout: RolloutConfig, batch_size: int, params: SamplingParams, total_steps: int,
                  completions_log: Optional[Path] = None):
         self.ctx, self.loss, self.sampler, self.collector = ctx, loss, sampler, collector
         self.rollout, self.batch_size, self.params = rollout, batch_size, params
-        self.completions_log = completions_log
+        self.total_steps, self.completions_log = total_steps, completions_log
+        self.next_batch: Optional[NextBatch] = None  # max_staleness 1: the next step's rollouts, started
+        self.snapshots: dict[int, WeightSnapshot] = {}  # trainable weights of the versions that sampled them
 
     def run(self, step: int) -> dict:
         ctx, ro = self.ctx, self.rollout
@@ -77,8 +88,10 @@ class GroupStep:
         micro = split_groups(groups, ctx.world, ctx.rank, ctx.micro_batch_size, ctx.n_micro)
         t1 = time.time()
         old_logps, entropy = {}, None
-        if ro.updates_per_batch > 1 or ro.recompute_old_logprobs or self.loss.needs_sampling_entropy:
-            old_logps, entropy = self.sampling_pass(records, rows_of, micro, mask.shape[1])
+        stale = any(rec.policy_version != step for rec in records)
+        if ro.updates_per_batch > 1 or ro.recompute_old_logprobs or self.loss.needs_sampling_entropy or stale:
+            old_logps, entropy = self.sampling_pass(records, rows_of, micro, mask.shape[1], step)
+        self.snapshots.clear()
         record["time/old_logprobs"] = time.time() - t1
         batch = RolloutBatch(rewards=torch.tensor([rec.reward for rec in records], dtype=torch.float64, device="cpu"),
                              group_index=group_of, mask=mask, token_ids=token_ids, entropy=entropy,
@@ -109,14 +122,21 @@ class GroupStep:
         updated with every group that was rolled out."""
         ro, ctx = self.rollout, self.ctx
         stats = RolloutStats()
-        self.collector.engine.sync_weights(ctx.peft_model())
+        started, self.next_batch = self.next_batch, None
         kept: list[RolloutRecord] = []
         used: set[int] = set()
         next_group, rounds, zero_var_groups, rolled_groups = 0, 0, 0, 0
         while True:
-            indices = self._select(self.batch_size - len({rec.group for rec in kept}), used)
+            if started is not None:  # the first round, rolled out during the last step
+                indices, records = started.indices, self.collector.finish(started.future, stats)
+                self.snapshots[started.version] = started.snapshot
+                started = None
+                self.collector.engine.sync_weights(ctx.peft_model())
+            else:
+                self.collector.engine.sync_weights(ctx.peft_model())
+                indices = self._select(self.batch_size - len({rec.group for rec in kept}), used)
+                records = self.collector.collect(indices, ro.group_size, self.params, next_group, stats, step)
             used.update(indices)
-            records = self.collector.collect(indices, ro.group_size, self.params, next_group, stats)
             next_group += len(indices)
             self._update_sampler(records)
             stds = group_reward_std(records)
@@ -138,8 +158,29 @@ class GroupStep:
                 ctx.log.info("step %d: %d of %d groups have reward variance after %d resampling rounds; training "
                              "on them", step + 1, groups_kept, self.batch_size, rounds)
         metrics.update({"time/generation": stats.generation_seconds, "time/rewards": stats.reward_seconds,
-                        "time/gather": stats.gather_seconds, **self.collector.engine.metrics()})
+                        "time/gather": stats.gather_seconds, **self.collector.engine.metrics(),
+                        "rollout/staleness": sum(step - rec.policy_version for rec in kept) / max(len(kept), 1)})
+        if ro.max_staleness and step + 1 < self.total_steps:
+            self.next_batch = self.start_next_batch(step)
         return kept
+
+    def start_next_batch(self, step: int) -> "NextBatch":
+        """Choose step + 1's prompts now and start rolling them out with policy version `step` (the engine was
+        synced to it above), keeping that version's trainable weights for the pi_old of those completions."""
+        indices = self._select(self.batch_size, set())
+        snapshot = WeightSnapshot(self.ctx.peft_model())
+        future = self.collector.start(indices, self.rollout.group_size, self.params, 0, step,
+                                      background=self.collector.engine.concurrent)
+        return NextBatch(indices, step, snapshot, future)
+
+    def settle(self) -> None:
+        """Wait until a background rollout has finished (before an evaluation uses the engine and the rewards)."""
+        if self.next_batch is not None:
+            concurrent.futures.wait([self.next_batch.future])
+
+    def close(self) -> None:
+        self.settle()
+        self.collector.close()
 
     def log_completions(self, step: int, collected: list[RolloutRecord], trained: list[RolloutRecord]) -> None:
         """One JSON line per rollout: its prompt, completion, reward and how its group was trained (`rl`; `sft` when
@@ -190,22 +231,29 @@ class GroupStep:
         return completion(dense), completion(ent) if ent is not None else None
 
     @torch.no_grad()
-    def sampling_pass(self, records, rows_of, micro, width) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def sampling_pass(self, records, rows_of, micro, width, step: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """pi_old log-probs of this process's rows (in the training micro-batch layout, so with one update the
-        ratio is exactly 1) and the sampling policy's per-token entropy of every completion (gathered)."""
+        ratio is exactly 1) and the sampling policy's per-token entropy of every completion (gathered). A record
+        an earlier policy version sampled gets that version's log-probs (its weight snapshot swapped in)."""
         model = self.ctx.model
         was_training = model.training
         model.eval()
         old: dict[int, torch.Tensor] = {}
         mine_entropy: dict[int, list[float]] = {}
         try:
-            for groups in micro:
-                rows, weights, slots = micro_batch_rows(rows_of, groups)
-                logps, entropy = self._forward(records, rows, slots, width)
-                for k, (i, w) in enumerate(zip(rows, weights)):
-                    if w > 0:
-                        old[i] = logps[k].detach().clone()
-                        mine_entropy[i] = entropy[k].float().tolist()
+            for version in sorted({rec.policy_version for rec in records}):
+                weights_of_version = (contextlib.nullcontext() if version == step
+                                      else self.snapshots[version].swapped_in())
+                with weights_of_version:
+                    for groups in micro:
+                        rows, weights, slots = micro_batch_rows(rows_of, groups)
+                        if not any(w > 0 and records[i].policy_version == version for i, w in zip(rows, weights)):
+                            continue
+                        logps, entropy = self._forward(records, rows, slots, width)
+                        for k, (i, w) in enumerate(zip(rows, weights)):
+                            if w > 0 and records[i].policy_version == version:
+                                old[i] = logps[k].detach().clone()
+                                mine_entropy[i] = entropy[k].float().tolist()
         finally:
             model.train(was_training)
         full = torch.zeros((len(records), width), dtype=torch.float64, device="cpu")
@@ -268,6 +316,39 @@ class GroupStep:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+class WeightSnapshot:
+    """The trainable parameters' values at one policy version (LoRA: the adapter; else the whole model), so that
+    pi_old of the completions that version sampled can be computed after the policy has moved on."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.values = [p.detach().clone() for p in self.params]
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.params]
+            for p, value in zip(self.params, self.values):
+                p.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, current):
+                    p.copy_(value)
+
+
+@dataclass
+class NextBatch:
+    """A rollout batch started one step early: its prompts, the policy version sampling it, that version's
+    weights and the future of this process's scored records."""
+
+    indices: list[int]
+    version: int
+    snapshot: WeightSnapshot
+    future: concurrent.futures.Future
+
+
 def group_reward_std(records: list[RolloutRecord]) -> dict[int, float]:
     by_group: dict[int, list[float]] = {}
     for rec in records:
