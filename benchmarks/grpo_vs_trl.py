@@ -349,7 +349,8 @@ def summarise(name: str, settings: dict, repeats: list[dict], drop: int, complet
         wall = sum(s["wall"] for s in kept)
         generation = sum(s["generation"] for s in kept)
         rewards = sum(s["rewards"] for s in kept)
-        train = wall - generation - rewards
+        overlapped = settings.get("max_staleness") and settings.get("engine", "hf") != "hf"
+        train = float("nan") if overlapped else wall - generation - rewards  # generation ran beside training
         gen_tokens = len(kept) * completions_per_step * max_new_tokens
         train_tokens = sum(s["train_tokens"] for s in kept)
         per_repeat.append({"s_per_step": wall / len(kept), "generation_s_per_step": generation / len(kept),
