@@ -139,7 +139,8 @@ def run(args, workdir: Path, data: Path, template: str, sizes: dict) -> dict:
     policy = {"heldout": trainer.score(heldout), "train": trainer.score(scored_train)}
     lines = [json.loads(line) for line in (workdir / template / "metrics.jsonl").read_text().splitlines()]
     curve = [{"step": m["step"], "R": m["eval/ranking_accuracy"], "R_normalised": m["eval/ranking_accuracy_normalised"],
-              "implicit_reward_accuracy": m.get("eval/implicit_reward_accuracy")}
+              # at step 0 the policy is its reference: every implicit margin is exactly 0, no accuracy to plot
+              "implicit_reward_accuracy": m.get("eval/implicit_reward_accuracy") if m["step"] > 0 else None}
              for m in lines if "eval/ranking_accuracy" in m]
     losses = [{"step": m["step"], "loss": m["loss"], "train_implicit_accuracy": m.get("rewards/accuracies")}
               for m in lines if "loss" in m and "eval/ranking_accuracy" not in m]
