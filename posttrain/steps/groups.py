@@ -30,7 +30,7 @@ import concurrent.futures
 import contextlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +44,7 @@ from posttrain.losses import GroupLossInputs, LossPlugin, RolloutBatch
 from posttrain.plan import split_groups
 from posttrain.rollout import RolloutCollector, RolloutRecord, RolloutStats, SamplingParams
 from posttrain.steps.common import StepContext, StepMetrics
+from posttrain.steps.offpolicy import NextBatch, WeightSnapshot
 from posttrain.steps.online_setup import broadcast, gather_objects
 
 
@@ -316,39 +317,6 @@ class GroupStep:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-class WeightSnapshot:
-    """The trainable parameters' values at one policy version (LoRA: the adapter; else the whole model), so that
-    pi_old of the completions that version sampled can be computed after the policy has moved on."""
-
-    def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.values = [p.detach().clone() for p in self.params]
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        with torch.no_grad():
-            current = [p.detach().clone() for p in self.params]
-            for p, value in zip(self.params, self.values):
-                p.copy_(value)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, value in zip(self.params, current):
-                    p.copy_(value)
-
-
-@dataclass
-class NextBatch:
-    """A rollout batch started one step early: its prompts, the policy version sampling it, that version's
-    weights and the future of this process's scored records."""
-
-    indices: list[int]
-    version: int
-    snapshot: WeightSnapshot
-    future: concurrent.futures.Future
-
-
 def group_reward_std(records: list[RolloutRecord]) -> dict[int, float]:
     by_group: dict[int, list[float]] = {}
     for rec in records:
