@@ -6,10 +6,11 @@ flipped (issue 15, items 1 and 2).
 Set-up, fixed before the full run:
 - data: `../shared/data/hh-rlhf/helpful-base/test.jsonl` (format hh, read in place). Rows whose chosen and rejected
   dialogues are identical (they can neither be ranked right nor flipped) and the loader's invalid rows are left out
-  and counted. Of the remaining pairs, in file order, the first 1,024 train and pairs 1,200 to 1,455 (256) are
+  and counted. Of the remaining rows, in file order, the first 1,100 train (at least 1,000 pairs once the loader's
+  invalid rows and prompts that leave no room within max_length are left out) and rows 1,200 to 1,455 (256) are
   held out: never trained on. The first 256 training pairs are also scored before and after.
 - SmolLM2-135M-Instruct, LoRA r 16 / alpha 32 on all linear layers, DPO beta 0.1 (the reference is the adapter-off
-  base), AdamW lr 5e-4 with 4 warm-up steps and cosine decay, 16 pairs a step, one epoch (64 steps),
+  base), AdamW lr 5e-4 with 4 warm-up steps and cosine decay, 16 pairs a step, one epoch (about 66 steps),
   `data.max_length` 384 (keep_start truncation, counted), seed 0.
 - two rows: `template: plain` (the raw "Human: ... Assistant:" text, as the paper scores) and `template: chat` (the
   dialogue split into turns and rendered with SmolLM2's chat template).
@@ -21,8 +22,8 @@ Set-up, fixed before the full run:
   nats: per bin the pairs, the share flipped to right (of those the reference ranked wrong) and to wrong (of those
   it ranked right).
 
-    python benchmarks/claims/chen_hh_rlhf.py                 # both rows (~1 h each on 2 CPU cores)
-    python benchmarks/claims/chen_hh_rlhf.py --templates plain --threads 1
+    python benchmarks/claims/chen_hh_rlhf.py                 # both rows, one after the other
+    python benchmarks/claims/chen_hh_rlhf.py --templates plain --threads 1 --out benchmarks/results/chen_hh_rlhf_plain.json
     python benchmarks/claims/chen_hh_rlhf.py --smoke         # tiny model, 32 pairs, seconds
 """
 
@@ -45,7 +46,7 @@ from posttrain.trainer import Trainer
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl"
 BETA = 0.1
-FULL = {"train": 1024, "heldout_start": 1200, "heldout": 256, "scored_train": 256, "eval_every": 16}
+FULL = {"train": 1100, "heldout_start": 1200, "heldout": 256, "scored_train": 256, "eval_every": 16}
 SMOKE = {"train": 32, "heldout_start": 40, "heldout": 16, "scored_train": 16, "eval_every": 1}
 BIN_EDGES = (-math.inf, -5.0, 0.0, 2.0, 5.0, 10.0, 20.0, math.inf)
 
