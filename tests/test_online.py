@@ -20,7 +20,7 @@ from posttrain.losses import register_loss
 from posttrain.losses.grpo import GRPOLoss
 from posttrain.plan import split_groups
 from posttrain.rollout import Completion, HFGenerateEngine, RolloutRecord, SamplingParams, cut_at_stop
-from posttrain.steps.groups import completion_tensors
+from posttrain.rollout.batch import completion_tensors
 from posttrain.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
