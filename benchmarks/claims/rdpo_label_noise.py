@@ -1,103 +1,199 @@
-"""Claim (Chowdhury et al. 2024, rDPO): with a known share of flipped preference labels, the debiased
-rDPO loss learns the true ranking better than DPO.
+"""Claim (Chowdhury et al. 2024, rDPO; spec section 4): when a known share of preference labels is flipped and DPO
+trains long enough to fit them, the debiased rDPO loss keeps the true ranking better than DPO (issue 15, item 3).
 
-Set-up, fixed before any run: SmolLM2-135M-Instruct with LoRA on the built-in arithmetic task;
-256 training pairs per seed of which 30% have chosen and rejected swapped (a seeded, per-seed
-choice); rDPO with eps = 0.3 (the true flip rate), DPO and rDPO with beta = 0.1; one epoch of 16
-steps of 16 pairs. The learning rate of each method is chosen from {2e-4, 5e-4} on a clean dev
-split (150 training-split pairs not used for training) with seed 0; then seeds 0, 1, 2 run at that
-rate. Clean-label DPO (same data, no flips) is the ceiling. Reported: held-out ranking accuracy on
-300 held-out pairs (operands never seen in training), mean and standard deviation over seeds.
+Set-up, fixed before the full run (the earlier run, one short epoch at 30% flips, is in docs/results.md):
+- SmolLM2-135M-Instruct, LoRA r 16 / alpha 32 on all linear layers, the built-in arithmetic task with the chat
+  template, beta 0.1.
+- per seed, 128 training pairs drawn from the training split (after the dev split); a seeded share of them flipped
+  (chosen and rejected swapped): 20% and 40%.
+- 4 epochs (32 steps of 16 pairs, cosine schedule, 2 warm-up steps), so that DPO can fit the flipped labels.
+- methods: DPO; rDPO with eps at the true flip rate; rDPO with eps at half of it (misspecified); clean-label DPO
+  (nothing flipped) as the ceiling.
+- the learning rate of each method and flip rate from {2e-4, 1e-3}, by ranking accuracy on a clean dev split (150
+  training-split pairs never trained on), with seed 0; then seeds 0 to 4 at that rate.
+- reported: held-out R on 300 held-out pairs (operands never seen in training), mean and standard error over the
+  5 seeds; the curve of R on the flipped training pairs scored with their true labels, every 4 steps.
+- every finished run is saved at once: the same command with the same --out goes on where it stopped.
 
-    python benchmarks/claims/rdpo_label_noise.py          # full (~30 min on 2 CPU cores)
-    python benchmarks/claims/rdpo_label_noise.py --smoke  # tiny model, seconds
+    python benchmarks/claims/rdpo_label_noise.py --threads 1   # full: 42 runs of about 2.5 min on 2 CPU cores
+    python benchmarks/claims/rdpo_label_noise.py --smoke       # tiny model, seconds
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import tempfile
 from pathlib import Path
 
-from _harness import base_recipe, mean_std, merge, parse_args, save, table, train
+from _harness import ROOT, base_recipe, mean_std, merge, parse_args, table
 
+from posttrain.callbacks import Callback
+from posttrain.config import DataSource
+from posttrain.data.sources import load_pairs
 from posttrain.data.tasks import builtin_rows
+from posttrain.recipe import load_recipe
+from posttrain.trainer import Trainer
 
-FLIP_RATE = 0.3
 BETA = 0.1
-SEEDS = (0, 1, 2)
-LEARNING_RATES = (2e-4, 5e-4)
+FULL = {"flip_rates": (0.2, 0.4), "seeds": (0, 1, 2, 3, 4), "lrs": (2e-4, 1e-3), "train": 128, "dev": 150,
+        "heldout": 300, "epochs": 4, "curve_every": 4}
+SMOKE = {"flip_rates": (0.25,), "seeds": (0,), "lrs": (1e-2, 2e-2), "train": 32, "dev": 32, "heldout": 48,
+         "epochs": 2, "curve_every": 1}
 
 
-def write_split(rows, path: Path, flip_rate: float, seed: int) -> int:
-    flipped = set(random.Random(f"flip/{seed}").sample(range(len(rows)), round(flip_rate * len(rows))))
+def configurations(flip_rates) -> list[dict]:
+    """(method, flip rate, loss) of every arm: clean DPO once, then DPO and rDPO (true and half eps) per rate."""
+    arms = [{"arm": "dpo_clean", "flip_rate": 0.0, "loss": {"name": "dpo", "params": {"beta": BETA}}}]
+    for rate in flip_rates:
+        arms += [{"arm": "dpo", "flip_rate": rate, "loss": {"name": "dpo", "params": {"beta": BETA}}},
+                 {"arm": "rdpo_true_eps", "flip_rate": rate,
+                  "loss": {"name": "rdpo", "params": {"beta": BETA, "eps": rate}}},
+                 {"arm": "rdpo_half_eps", "flip_rate": rate,
+                  "loss": {"name": "rdpo", "params": {"beta": BETA, "eps": rate / 2}}}]
+    return arms
+
+
+def write_pairs(rows, path: Path, flipped: set[int]) -> None:
     with path.open("w") as handle:
         for i, row in enumerate(rows):
             chosen, rejected = (row.rejected, row.chosen) if i in flipped else (row.chosen, row.rejected)
             handle.write(json.dumps({"prompt": row.prompt, "chosen": chosen, "rejected": rejected}) + "\n")
-    return len(flipped)
+
+
+class FlippedPairsCurve(Callback):
+    """R of the flipped training pairs under their true labels, every `every` steps."""
+
+    def __init__(self, trainer: Trainer, pairs: list, every: int):
+        self.trainer, self.pairs, self.every = trainer, pairs, every
+        self.points = [{"step": 0, "R": trainer.score(pairs).ranking_accuracy()}] if pairs else []
+
+    def on_step_end(self, event) -> None:
+        if self.pairs and event.step % self.every == 0:
+            self.points.append({"step": event.step, "R": self.trainer.score(self.pairs).ranking_accuracy()})
+
+
+def run(args, workdir: Path, sizes: dict, pool, dev_path: Path, arm: dict, lr: float, seed: int) -> dict:
+    name = f"{arm['arm']}_flip{arm['flip_rate']:g}_lr{lr:g}_seed{seed}"
+    rows = random.Random(f"rows/{seed}").sample(pool[sizes["dev"]:], sizes["train"])
+    flipped = set(random.Random(f"flip/{arm['flip_rate']}/{seed}").sample(range(len(rows)),
+                                                                         round(arm["flip_rate"] * len(rows))))
+    train_path, true_path = workdir / f"{name}.jsonl", workdir / f"{name}_flipped_true.jsonl"
+    write_pairs(rows, train_path, flipped)
+    write_pairs([rows[i] for i in sorted(flipped)], true_path, set())
+    base = base_recipe(args, workdir, name)
+    steps = sizes["epochs"] * math.ceil(sizes["train"] / base["train"]["batch_size"])
+    raw = merge(base, loss=arm["loss"], run={"seed": seed},
+                train={"lr": lr, "max_steps": steps, "warmup_steps": 0 if args.smoke else 2},
+                data={"train": {"path": str(train_path)},
+                      "heldout": {**base["data"]["heldout"], "num_rows": sizes["heldout"]}},
+                eval={"at_start": False})
+    trainer = Trainer(load_recipe(raw=raw), force=True)
+    trainer.setup()
+    data_cfg = trainer.recipe.data
+    flipped_pairs = load_pairs(DataSource(path=str(true_path)), data_cfg, trainer.tokenizer, what="flipped")[0] \
+        if flipped else []
+    curve = FlippedPairsCurve(trainer, flipped_pairs, sizes["curve_every"])
+    trainer.callbacks.append(curve)
+    summary = trainer.train()
+    dev = trainer.score(load_pairs(DataSource(path=str(dev_path)), data_cfg, trainer.tokenizer, what="dev")[0])
+    return {"arm": arm["arm"], "flip_rate": arm["flip_rate"], "lr": lr, "seed": seed, "flipped": len(flipped),
+            "steps": steps, "heldout_R": summary["heldout_after"]["ranking_accuracy"],
+            "dev_R": dev.ranking_accuracy(), "flipped_true_R_curve": curve.points,
+            "train_seconds": summary["train_seconds"]}
+
+
+def summarise(arms: list[dict], runs: list[dict], selected: dict) -> tuple[list[list], dict]:
+    rows, summary = [], {}
+    for arm in arms:
+        key = f"{arm['arm']}@{arm['flip_rate']:g}"
+        final = [r for r in runs if f"{r['arm']}@{r['flip_rate']:g}" == key and r["lr"] == selected.get(key)]
+        if not final:
+            continue
+        mean, std = mean_std([r["heldout_R"] for r in final])
+        curve_end = [r["flipped_true_R_curve"][-1]["R"] for r in final if r["flipped_true_R_curve"]]
+        summary[key] = {"lr": selected[key], "seeds": len(final), "heldout_R_mean": mean,
+                        "heldout_R_se": std / math.sqrt(len(final)),
+                        "flipped_true_R_end_mean": mean_std(curve_end)[0] if curve_end else None}
+        rows.append([arm["arm"], f"{arm['flip_rate']:.0%}", f"{selected[key]:g}", len(final), mean,
+                     summary[key]["heldout_R_se"], summary[key]["flipped_true_R_end_mean"] or float("nan")])
+    return rows, summary
+
+
+def plot(arms: list[dict], runs: list[dict], selected: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({a["flip_rate"] for a in arms if a["flip_rate"] > 0})
+    fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 3.6), squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        for arm in (a for a in arms if a["flip_rate"] == rate):
+            key = f"{arm['arm']}@{rate:g}"
+            final = [r for r in runs if f"{r['arm']}@{r['flip_rate']:g}" == key and r["lr"] == selected.get(key)]
+            if not final:
+                continue
+            steps = [p["step"] for p in final[0]["flipped_true_R_curve"]]
+            means = [sum(r["flipped_true_R_curve"][i]["R"] for r in final) / len(final) for i in range(len(steps))]
+            ax.plot(steps, means, "o-", label=f"{arm['arm']} (lr {selected[key]:g}, {len(final)} seeds)")
+        ax.set(title=f"{rate:.0%} of labels flipped", xlabel="step",
+               ylabel="R of flipped pairs, true labels", ylim=(0, 1))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     args = parse_args(__doc__.split("\n\n")[0])
+    sizes = SMOKE if args.smoke else FULL
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="claims-rdpo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    task = "tiny" if args.smoke else "arithmetic"
-    n_train, n_dev = (128, 48) if args.smoke else (256, 150)
-    pool = builtin_rows(task, "train", seed=0)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        f"rdpo_label_noise{'_smoke' if args.smoke else ''}.json")
+    done = json.loads(out.read_text()) if out.is_file() else {}
+    runs, selected = done.get("runs", []), done.get("selected_lr", {})
+    pool = builtin_rows("tiny" if args.smoke else "arithmetic", "train", seed=0)
     dev_path = workdir / "dev.jsonl"
-    write_split(pool[:n_dev], dev_path, 0.0, 0)
-    seeds = SEEDS[:2] if args.smoke else SEEDS
-    lrs = (1e-2, 2e-2) if args.smoke else LEARNING_RATES
+    write_pairs(pool[:sizes["dev"]], dev_path, set())
+    arms = configurations(sizes["flip_rates"])
 
-    def run(method: str, lr: float, seed: int) -> dict:
-        rows = random.Random(f"rows/{seed}").sample(pool[n_dev:], n_train)
-        data = workdir / f"train_{'clean' if method == 'dpo_clean' else 'noisy'}_{seed}.jsonl"
-        flips = write_split(rows, data, 0.0 if method == "dpo_clean" else FLIP_RATE, seed)
-        loss = ({"name": "rdpo", "params": {"beta": BETA, "eps": FLIP_RATE}} if method == "rdpo"
-                else {"name": "dpo", "params": {"beta": BETA}})
-        base = base_recipe(args, workdir, f"{method}_lr{lr:g}_seed{seed}")
-        steps = base["train"]["max_steps"] if args.smoke else 16
-        heldout = base["data"]["heldout"] if args.smoke else {**base["data"]["heldout"], "num_rows": 300}
-        raw = merge(base, loss=loss, run={"seed": seed}, train={"lr": lr, "max_steps": steps},
-                    data={"train": {"path": str(data)}, "heldout": heldout, "template": base["data"]["template"]},
-                    eval={"at_start": False})
-        summary = train(raw, {"dev": {"path": str(dev_path)}})
-        return {"method": method, "lr": lr, "seed": seed, "flipped": flips,
-                "heldout": summary["heldout_after"]["ranking_accuracy"], "dev": summary["dev"]["ranking_accuracy"],
-                "train_seconds": summary["train_seconds"]}
+    def save() -> None:
+        rows, summary = summarise(arms, runs, selected)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"claim": "rDPO keeps the true ranking better than DPO under flipped labels",
+                                   "sizes": sizes, "beta": BETA, "selected_lr": selected, "summary": summary,
+                                   "runs": runs, "threads": args.threads, "smoke": args.smoke}, indent=2))
 
-    runs = []
-    selected = {}
-    for method in ("dpo", "rdpo"):
-        trials = [run(method, lr, seeds[0]) for lr in lrs]
-        runs += trials
-        best = max(trials, key=lambda r: r["dev"])
-        selected[method] = best["lr"]
-        print(f"{method}: dev accuracy by lr {[(t['lr'], round(t['dev'], 4)) for t in trials]} -> lr {best['lr']}",
-              flush=True)
-    selected["dpo_clean"] = selected["dpo"]
-    for method in ("dpo", "rdpo", "dpo_clean"):
-        for seed in seeds:
-            if any(r["method"] == method and r["lr"] == selected[method] and r["seed"] == seed for r in runs):
-                continue
-            runs.append(run(method, selected[method], seed))
-    rows, summary = [], {}
-    for method in ("dpo", "rdpo", "dpo_clean"):
-        final = [r for r in runs if r["method"] == method and r["lr"] == selected[method]]
-        mean, std = mean_std([r["heldout"] for r in final])
-        summary[method] = {"lr": selected[method], "heldout_mean": mean, "heldout_std": std,
-                           "seeds": [r["seed"] for r in final]}
-        label = {"dpo": "DPO, 30% flipped", "rdpo": "rDPO eps=0.3, 30% flipped", "dpo_clean": "DPO, clean (ceiling)"}
-        rows.append([label[method], f"{selected[method]:g}", len(final), mean, std])
-    print(table(["method", "lr", "seeds", "held-out R mean", "std"], rows))
-    verdict = summary["rdpo"]["heldout_mean"] > summary["dpo"]["heldout_mean"]
-    print("claim reproduced: rDPO > DPO under label noise" if verdict else
-          "claim NOT reproduced: rDPO did not beat DPO under label noise here")
-    save(args, "rdpo_label_noise", {"claim": "rDPO beats DPO with 30% flipped labels", "reproduced": verdict,
-                                    "selected_lr": selected, "summary": summary, "runs": runs,
-                                    "flip_rate": FLIP_RATE, "beta": BETA})
+    def run_once(arm: dict, lr: float, seed: int) -> dict:
+        for r in runs:
+            if (r["arm"], r["flip_rate"], r["lr"], r["seed"]) == (arm["arm"], arm["flip_rate"], lr, seed):
+                return r
+        runs.append(run(args, workdir, sizes, pool, dev_path, arm, lr, seed))
+        save()
+        print(f"{runs[-1]['arm']} flip {arm['flip_rate']:g} lr {lr:g} seed {seed}: held-out R "
+              f"{runs[-1]['heldout_R']:.4f}, dev R {runs[-1]['dev_R']:.4f}", flush=True)
+        return runs[-1]
+
+    for arm in arms:
+        key = f"{arm['arm']}@{arm['flip_rate']:g}"
+        trials = [run_once(arm, lr, sizes["seeds"][0]) for lr in sizes["lrs"]]
+        selected[key] = max(trials, key=lambda r: r["dev_R"])["lr"]
+        for seed in sizes["seeds"][1:]:
+            run_once(arm, selected[key], seed)
+    save()
+    rows, summary = summarise(arms, runs, selected)
+    print(table(["arm", "flipped", "lr", "seeds", "held-out R mean", "s.e.", "flipped pairs R (true) at end"], rows))
+    for rate in sizes["flip_rates"]:
+        dpo, rdpo = summary[f"dpo@{rate:g}"], summary[f"rdpo_true_eps@{rate:g}"]
+        gap = rdpo["heldout_R_mean"] - dpo["heldout_R_mean"]
+        se = math.hypot(rdpo["heldout_R_se"], dpo["heldout_R_se"])
+        print(f"{rate:.0%} flipped: rDPO (true eps) - DPO = {100 * gap:+.1f} points (s.e. {100 * se:.1f}): "
+              f"{'rDPO better by more than 2 s.e.' if gap > 2 * se else 'not shown'}")
+    plot(arms, runs, selected, out.with_suffix(".png"))
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":
