@@ -8,13 +8,13 @@ Set-up, fixed before the full run:
   dialogues are identical (they can neither be ranked right nor flipped) and the loader's invalid rows are left out
   and counted. Of the remaining rows, in file order, the first 1,100 train (at least 1,000 pairs once the loader's
   invalid rows and prompts that leave no room within max_length are left out) and rows 1,200 to 1,455 (256) are
-  held out: never trained on. The first 256 training pairs are also scored before and after.
+  held out: never trained on. The first 128 training pairs are also scored before and after.
 - SmolLM2-135M-Instruct, LoRA r 16 / alpha 32 on all linear layers, DPO beta 0.1 (the reference is the adapter-off
   base), AdamW lr 5e-4 with 4 warm-up steps and cosine decay, 16 pairs a step, one epoch (about 66 steps),
   `data.max_length` 384 (keep_start truncation, counted), seed 0.
 - two rows: `template: plain` (the raw "Human: ... Assistant:" text, as the paper scores) and `template: chat` (the
   dialogue split into turns and rendered with SmolLM2's chat template).
-- held-out R, R~ and implicit-reward accuracy every 16 steps (the trainer's evaluation); before and after, on the
+- held-out R, R~ and implicit-reward accuracy every 20 steps (the trainer's evaluation); before and after, on the
   held-out and the scored training pairs: R, R~, median R*, the alignment gap (bootstrap 95% intervals, 1,000
   resamples), implicit-reward accuracy, the pairs whose ranking flipped each way, and Theorem 4.1's check on every
   pair (ranked right iff its DPO loss is at most its threshold -log sigmoid(beta c)).
@@ -46,7 +46,7 @@ from posttrain.trainer import Trainer
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl"
 BETA = 0.1
-FULL = {"train": 1100, "heldout_start": 1200, "heldout": 256, "scored_train": 256, "eval_every": 16}
+FULL = {"train": 1100, "heldout_start": 1200, "heldout": 256, "scored_train": 128, "eval_every": 20}
 SMOKE = {"train": 32, "heldout_start": 40, "heldout": 16, "scored_train": 16, "eval_every": 1}
 BIN_EDGES = (-math.inf, -5.0, 0.0, 2.0, 5.0, 10.0, 20.0, math.inf)
 
@@ -78,7 +78,7 @@ def recipe(args, workdir: Path, data: Path, template: str, sizes: dict) -> dict:
         "train": {"lr": 5e-4, "batch_size": 16, "micro_batch_size": 8, "epochs": 1, "warmup_steps": 4,
                   "lr_scheduler": "cosine"},
         "logging": {"progress_bar": False, "report_to": ["jsonl"]},
-        "eval": {"every": sizes["eval_every"], "batch_size": 16, "report": True},
+        "eval": {"every": sizes["eval_every"], "at_start": False, "at_end": False, "batch_size": 16, "report": False},
         "checkpoint": {"every": 0},
     }
     if args.smoke:
@@ -138,18 +138,25 @@ def run(args, workdir: Path, data: Path, template: str, sizes: dict) -> dict:
     reference = {"heldout": trainer.score(heldout), "train": trainer.score(scored_train)}  # fresh LoRA = reference
     summary = trainer.train()
     policy = {"heldout": trainer.score(heldout), "train": trainer.score(scored_train)}
+    sets = {name: before_after(name, reference[name], policy[name]) for name in ("heldout", "train")}
     lines = [json.loads(line) for line in (workdir / template / "metrics.jsonl").read_text().splitlines()]
-    curve = [{"step": m["step"], "R": m["eval/ranking_accuracy"], "R_normalised": m["eval/ranking_accuracy_normalised"],
-              # at step 0 the policy is its reference: every implicit margin is exactly 0, no accuracy to plot
-              "implicit_reward_accuracy": m.get("eval/implicit_reward_accuracy") if m["step"] > 0 else None}
-             for m in lines if "eval/ranking_accuracy" in m]
+    # before and after come from the scores above (at step 0 every implicit margin is exactly 0: no accuracy)
+    held = sets["heldout"]
+    point = lambda step, r, r_normalised, implicit: {  # noqa: E731
+        "step": step, "R": r, "R_normalised": r_normalised, "implicit_reward_accuracy": implicit}
+    end = trainer.plan.total_steps
+    curve = ([point(0, held["before"]["R"], held["before"]["R_normalised"], None)]
+             + [point(m["step"], m["eval/ranking_accuracy"], m["eval/ranking_accuracy_normalised"],
+                      m.get("eval/implicit_reward_accuracy")) for m in lines
+                if "eval/ranking_accuracy" in m and m["step"] < end]
+             + [point(end, held["after"]["R"], held["after"]["R_normalised"],
+                      held["after"]["implicit_reward_accuracy"])])
     losses = [{"step": m["step"], "loss": m["loss"], "train_implicit_accuracy": m.get("rewards/accuracies")}
               for m in lines if "loss" in m and "eval/ranking_accuracy" not in m]
     return {"template": template, "train_pairs": len(trainer.train_pairs), "heldout_pairs": len(heldout),
             "steps": trainer.plan.total_steps, "wall_seconds": time.time() - started,
             "train_seconds": summary["train_seconds"],
-            "sets": {name: before_after(name, reference[name], policy[name]) for name in ("heldout", "train")},
-            "curve": curve, "losses": losses}
+            "sets": sets, "curve": curve, "losses": losses}
 
 
 def plot(results: list[dict], path: Path) -> None:
