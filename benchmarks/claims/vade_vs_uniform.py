@@ -13,6 +13,7 @@ Set-up, fixed before the full run (the earlier run, G = 4 on addition alone, is 
   epoch), seeds 0, 1, 2, the same for both samplers.
 - reported: the share of groups with zero reward variance over training (all, and per task), held-out pass@1 over
   steps; mean and standard error over seeds.
+- every finished run is saved at once: the same command with the same --out goes on where it stopped.
 
     python benchmarks/claims/vade_vs_uniform.py --threads 1   # full: 6 runs of 80 steps
     python benchmarks/claims/vade_vs_uniform.py --smoke       # tiny model, a few steps (CI)
@@ -132,13 +133,22 @@ def main() -> None:
         base = online_smoke(base, workdir, sizes["steps"])
         base = merge(base, data={**base["data"], "train": {**source, "path": str(workdir / "pool.jsonl")},
                                  "heldout": {**source, "path": str(workdir / "heldout.jsonl")}})
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        f"vade_vs_uniform{'_smoke' if args.smoke else ''}.json")
+    done = json.loads(out.read_text()).get("runs", {}) if out.is_file() else {}
     runs: dict[str, list[dict]] = {name: [] for name in SAMPLERS}
     for seed in sizes["seeds"]:
         for name in SAMPLERS:
+            finished = [r for r in done.get(name, []) if r.get("seed") == seed]
+            if finished:  # the same command goes on where an interrupted run stopped
+                runs[name].append(finished[0])
+                continue
             raw = merge(base, run={"output_dir": str(workdir / f"{name}_{seed}"), "seed": seed,
                                    "num_threads": args.threads},
                         sampler={"name": name, "success_threshold": 0.5})
-            runs[name].append(run_one(raw, pool_tasks, heldout_tasks))
+            runs[name].append({"seed": seed, **run_one(raw, pool_tasks, heldout_tasks)})
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"partial": True, "sizes": sizes, "runs": runs}, indent=2))
             last = runs[name][-1]
             print(f"{name} seed {seed}: zero-variance share {last['zero_variance_share']:.3f}, held-out pass@1 "
                   f"{last['heldout'][0]['pass@1']:.3f} -> {last['heldout'][-1]['pass@1']:.3f}", flush=True)
