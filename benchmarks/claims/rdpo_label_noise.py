@@ -27,7 +27,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from _harness import ROOT, base_recipe, mean_std, merge, parse_args, table
+from _harness import ROOT, base_recipe, mean_std, merge, parse_args, save, table
 
 from posttrain.callbacks import Callback
 from posttrain.config import DataSource
@@ -160,19 +160,17 @@ def main() -> None:
     write_pairs(pool[:sizes["dev"]], dev_path, set())
     arms = configurations(sizes["flip_rates"])
 
-    def save() -> None:
-        rows, summary = summarise(arms, runs, selected)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"claim": "rDPO keeps the true ranking better than DPO under flipped labels",
-                                   "sizes": sizes, "beta": BETA, "selected_lr": selected, "summary": summary,
-                                   "runs": runs, "threads": args.threads, "smoke": args.smoke}, indent=2))
+    def save_all() -> None:
+        save(args, "rdpo_label_noise", {"claim": "rDPO keeps the true ranking better than DPO under flipped labels",
+                                        "sizes": sizes, "beta": BETA, "selected_lr": selected,
+                                        "summary": summarise(arms, runs, selected)[1], "runs": runs})
 
     def run_once(arm: dict, lr: float, seed: int) -> dict:
         for r in runs:
             if (r["arm"], r["flip_rate"], r["lr"], r["seed"]) == (arm["arm"], arm["flip_rate"], lr, seed):
                 return r
         runs.append(run(args, workdir, sizes, pool, dev_path, arm, lr, seed))
-        save()
+        save_all()
         print(f"{runs[-1]['arm']} flip {arm['flip_rate']:g} lr {lr:g} seed {seed}: held-out R "
               f"{runs[-1]['heldout_R']:.4f}, dev R {runs[-1]['dev_R']:.4f}", flush=True)
         return runs[-1]
@@ -183,7 +181,7 @@ def main() -> None:
         selected[key] = max(trials, key=lambda r: r["dev_R"])["lr"]
         for seed in sizes["seeds"][1:]:
             run_once(arm, selected[key], seed)
-    save()
+    save_all()
     rows, summary = summarise(arms, runs, selected)
     print(table(["arm", "flipped", "lr", "seeds", "held-out R mean", "s.e.", "flipped pairs R (true) at end"], rows))
     for rate in sizes["flip_rates"]:
@@ -193,7 +191,6 @@ def main() -> None:
         print(f"{rate:.0%} flipped: rDPO (true eps) - DPO = {100 * gap:+.1f} points (s.e. {100 * se:.1f}): "
               f"{'rDPO better by more than 2 s.e.' if gap > 2 * se else 'not shown'}")
     plot(arms, runs, selected, out.with_suffix(".png"))
-    print(f"saved {out}")
 
 
 if __name__ == "__main__":
