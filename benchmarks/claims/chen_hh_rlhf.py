@@ -172,7 +172,11 @@ def plot(results: list[dict], path: Path) -> None:
         left.plot(steps, [c["R"] for c in curve], "o-", label=f"{template}: ranking accuracy R")
         left.plot(steps, [c["implicit_reward_accuracy"] if c["implicit_reward_accuracy"] is not None else float("nan")
                           for c in curve], "s--", label=f"{template}: implicit-reward accuracy")
-        right.plot([m["step"] for m in result["losses"]], [m["loss"] for m in result["losses"]], label=template)
+        steps, losses = [m["step"] for m in result["losses"]], [m["loss"] for m in result["losses"]]
+        right.plot(steps, losses, alpha=0.3, label=f"{template}: per step")
+        window = 8
+        right.plot(steps, [sum(losses[max(0, i - window + 1):i + 1]) / min(i + 1, window) for i in range(len(losses))],
+                   label=f"{template}: mean of the last {window} steps")
     left.set(xlabel="step", ylabel="held-out accuracy", title="held-out pairs", ylim=(0, 1))
     left.legend(fontsize=7)
     right.set(xlabel="step", ylabel="DPO loss", title="training loss")
