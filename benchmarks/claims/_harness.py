@@ -123,6 +123,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds."""
+    mean, std = mean_std(values)
+    return mean, std / math.sqrt(len(values))
+
+
 def save(args, name: str, result: dict) -> Path:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{name}{'_smoke' if args.smoke else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from _harness import ROOT, base_recipe, mean_std, merge, parse_args, save, table
+from _harness import ROOT, base_recipe, mean_se, merge, parse_args, save, table
 
 from posttrain.callbacks import Callback
 from posttrain.config import DataSource
@@ -111,11 +111,10 @@ def summarise(arms: list[dict], runs: list[dict], selected: dict) -> tuple[list[
         final = [r for r in runs if f"{r['arm']}@{r['flip_rate']:g}" == key and r["lr"] == selected.get(key)]
         if not final:
             continue
-        mean, std = mean_std([r["heldout_R"] for r in final])
+        mean, se = mean_se([r["heldout_R"] for r in final])
         curve_end = [r["flipped_true_R_curve"][-1]["R"] for r in final if r["flipped_true_R_curve"]]
-        summary[key] = {"lr": selected[key], "seeds": len(final), "heldout_R_mean": mean,
-                        "heldout_R_se": std / math.sqrt(len(final)),
-                        "flipped_true_R_end_mean": mean_std(curve_end)[0] if curve_end else None}
+        summary[key] = {"lr": selected[key], "seeds": len(final), "heldout_R_mean": mean, "heldout_R_se": se,
+                        "flipped_true_R_end_mean": mean_se(curve_end)[0] if curve_end else None}
         rows.append([arm["arm"], f"{arm['flip_rate']:.0%}", f"{selected[key]:g}", len(final), mean,
                      summary[key]["heldout_R_se"], summary[key]["flipped_true_R_end_mean"] or float("nan")])
     return rows, summary

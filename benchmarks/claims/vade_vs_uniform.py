@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from _harness import ROOT, mean_std, merge, online_smoke, parse_args, save, table
+from _harness import ROOT, mean_se, merge, online_smoke, parse_args, save, table
 
 from posttrain.data.tasks import builtin_rows
 from posttrain.recipe import load_recipe
@@ -81,11 +81,6 @@ def run_one(raw: dict, pool_tasks: list[str], heldout_tasks: list[str]) -> dict:
             "zero_variance_by_step": [m["groups/zero_variance_share"] for m in steps],
             "train_pass@1": sum(m["pass@1"] for m in steps) / len(steps), "heldout": heldout,
             "steps": len(steps), "wall_seconds": time.time() - started}
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    mean, std = mean_std(values)
-    return mean, std / math.sqrt(len(values))
 
 
 def plot(runs: dict, path: Path) -> None:
