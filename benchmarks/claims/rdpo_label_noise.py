@@ -10,7 +10,7 @@ Set-up, fixed before the full run (the earlier run, one short epoch at 30% flips
 - methods: DPO; rDPO with eps at the true flip rate; rDPO with eps at half of it (misspecified); clean-label DPO
   (nothing flipped) as the ceiling.
 - the learning rate of each method and flip rate from {2e-4, 1e-3}, by ranking accuracy on a clean dev split (150
-  training-split pairs never trained on), with seed 0; then seeds 0 to 4 at that rate.
+  training-split pairs never trained on), with seed 0 (the only runs scored on it); then seeds 0 to 4 at that rate.
 - reported: held-out R on 300 held-out pairs (operands never seen in training), mean and standard error over the
   5 seeds; the curve of R on the flipped training pairs scored with their true labels, every 4 steps.
 - every finished run is saved at once: the same command with the same --out goes on where it stopped.
@@ -25,6 +25,7 @@ import json
 import math
 import random
 import tempfile
+import time
 from pathlib import Path
 
 from _harness import ROOT, base_recipe, mean_se, merge, parse_args, save, table
@@ -75,6 +76,7 @@ class FlippedPairsCurve(Callback):
 
 
 def run(args, workdir: Path, sizes: dict, pool, dev_path: Path, arm: dict, lr: float, seed: int) -> dict:
+    started = time.perf_counter()
     name = f"{arm['arm']}_flip{arm['flip_rate']:g}_lr{lr:g}_seed{seed}"
     rows = random.Random(f"rows/{seed}").sample(pool[sizes["dev"]:], sizes["train"])
     flipped = set(random.Random(f"flip/{arm['flip_rate']}/{seed}").sample(range(len(rows)),
@@ -97,11 +99,14 @@ def run(args, workdir: Path, sizes: dict, pool, dev_path: Path, arm: dict, lr: f
     curve = FlippedPairsCurve(trainer, flipped_pairs, sizes["curve_every"])
     trainer.callbacks.append(curve)
     summary = trainer.train()
-    dev = trainer.score(load_pairs(DataSource(path=str(dev_path)), data_cfg, trainer.tokenizer, what="dev")[0])
+    dev_R = None
+    if seed == sizes["seeds"][0]:
+        dev_pairs = load_pairs(DataSource(path=str(dev_path)), data_cfg, trainer.tokenizer, what="dev")[0]
+        dev_R = trainer.score(dev_pairs).ranking_accuracy()
     return {"arm": arm["arm"], "flip_rate": arm["flip_rate"], "lr": lr, "seed": seed, "flipped": len(flipped),
             "steps": steps, "heldout_R": summary["heldout_after"]["ranking_accuracy"],
-            "dev_R": dev.ranking_accuracy(), "flipped_true_R_curve": curve.points,
-            "train_seconds": summary["train_seconds"]}
+            "dev_R": dev_R, "flipped_true_R_curve": curve.points,
+            "train_seconds": summary["train_seconds"], "wall_seconds": time.perf_counter() - started}
 
 
 def summarise(arms: list[dict], runs: list[dict], selected: dict) -> tuple[list[list], dict]:
@@ -170,8 +175,9 @@ def main() -> None:
                 return r
         runs.append(run(args, workdir, sizes, pool, dev_path, arm, lr, seed))
         save_all()
+        dev = "" if runs[-1]["dev_R"] is None else f", dev R {runs[-1]['dev_R']:.4f}"
         print(f"{runs[-1]['arm']} flip {arm['flip_rate']:g} lr {lr:g} seed {seed}: held-out R "
-              f"{runs[-1]['heldout_R']:.4f}, dev R {runs[-1]['dev_R']:.4f}", flush=True)
+              f"{runs[-1]['heldout_R']:.4f}{dev} ({runs[-1]['wall_seconds'] / 60:.1f} min)", flush=True)
         return runs[-1]
 
     for arm in arms:
