@@ -6,7 +6,8 @@ Set-up, fixed before the full run (the earlier run, one short epoch at 30% flips
   template, beta 0.1.
 - per seed, 128 training pairs drawn from the training split (after the dev split); a seeded share of them flipped
   (chosen and rejected swapped): 20% and 40%.
-- 4 epochs (32 steps of 16 pairs, cosine schedule, 2 warm-up steps), so that DPO can fit the flipped labels.
+- 4 epochs (32 steps of 16 pairs, cosine schedule, 2 warm-up steps), so that DPO can fit the flipped labels; the
+  reference log-probs are computed once before training (`reference.precompute`, the same numbers).
 - methods: DPO; rDPO with eps at the true flip rate; rDPO with eps at half of it (misspecified); clean-label DPO
   (nothing flipped) as the ceiling.
 - the learning rate of each method and flip rate from {2e-4, 1e-3}, by ranking accuracy on a clean dev split (150
@@ -86,7 +87,7 @@ def run(args, workdir: Path, sizes: dict, pool, dev_path: Path, arm: dict, lr: f
     write_pairs([rows[i] for i in sorted(flipped)], true_path, set())
     base = base_recipe(args, workdir, name)
     steps = sizes["epochs"] * math.ceil(sizes["train"] / base["train"]["batch_size"])
-    raw = merge(base, loss=arm["loss"], run={"seed": seed},
+    raw = merge(base, loss=arm["loss"], run={"seed": seed}, reference={"precompute": True},
                 train={"lr": lr, "max_steps": steps, "warmup_steps": 0 if args.smoke else 2},
                 data={"train": {"path": str(train_path)},
                       "heldout": {**base["data"]["heldout"], "num_rows": sizes["heldout"]}},
