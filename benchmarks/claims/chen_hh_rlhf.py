@@ -25,6 +25,7 @@ Set-up, fixed before the full run:
     python benchmarks/claims/chen_hh_rlhf.py                 # both rows, one after the other
     python benchmarks/claims/chen_hh_rlhf.py --templates plain --threads 1 --out benchmarks/results/chen_hh_rlhf_plain.json
     python benchmarks/claims/chen_hh_rlhf.py --smoke         # tiny model, 32 pairs, seconds
+    python benchmarks/claims/chen_hh_rlhf.py --combine A.json,B.json   # plot rows of separate runs together
 """
 
 from __future__ import annotations
@@ -211,7 +212,15 @@ def plot_bins(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    args = parse_args(__doc__.split("\n\n")[0], extra=[("--templates", {"default": "plain,chat"})])
+    args = parse_args(__doc__.split("\n\n")[0], extra=[
+        ("--templates", {"default": "plain,chat"}),
+        ("--combine", {"default": None, "help": "comma-separated result JSONs: plot their rows together, train nothing"})])
+    if args.combine:
+        results = [r for path in args.combine.split(",") for r in json.loads(Path(path).read_text())["results"]]
+        out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "chen_hh_rlhf.json"
+        plot(results, out.with_suffix(".png"))
+        plot_bins(results, out.with_name(out.stem + "_difficulty.png"))
+        return
     if not HH.is_file():
         raise SystemExit(f"{HH} is missing: this claim reads the shared HH-RLHF data (../shared/data/README.md).")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="claims-chen-"))
