@@ -39,8 +39,6 @@ from pathlib import Path
 import numpy as np
 from _harness import ROOT, merge, parse_args, save, table, tiny_model_dir
 
-from posttrain.config import DataSource
-from posttrain.data.sources import load_pairs
 from posttrain.eval.metrics import bootstrap_ci, ranking_metrics
 from posttrain.recipe import load_recipe
 from posttrain.trainer import Trainer
@@ -211,15 +209,19 @@ def plot_bins(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_all(results: list[dict], out: Path) -> None:
+    """The accuracy and loss curves and the difficulty bars, next to the result JSON `out`."""
+    plot(results, out.with_suffix(".png"))
+    plot_bins(results, out.with_name(out.stem + "_difficulty.png"))
+
+
 def main() -> None:
     args = parse_args(__doc__.split("\n\n")[0], extra=[
         ("--templates", {"default": "plain,chat"}),
         ("--combine", {"default": None, "help": "comma-separated result JSONs: plot their rows together, train nothing"})])
     if args.combine:
         results = [r for path in args.combine.split(",") for r in json.loads(Path(path).read_text())["results"]]
-        out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "chen_hh_rlhf.json"
-        plot(results, out.with_suffix(".png"))
-        plot_bins(results, out.with_name(out.stem + "_difficulty.png"))
+        plot_all(results, Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "chen_hh_rlhf.json")
         return
     if not HH.is_file():
         raise SystemExit(f"{HH} is missing: this claim reads the shared HH-RLHF data (../shared/data/README.md).")
@@ -256,8 +258,7 @@ def main() -> None:
         "claim": "DPO barely moves R on HH-RLHF while implicit-reward accuracy rises; hard pairs are not flipped",
         "verdicts": verdicts, "identical_rows_left_out": identical, "sizes": sizes, "beta": BETA,
         "results": results})
-    plot(results, out.with_suffix(".png"))
-    plot_bins(results, out.with_name(out.stem + "_difficulty.png"))
+    plot_all(results, out)
 
 
 if __name__ == "__main__":
