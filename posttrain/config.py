@@ -50,7 +50,9 @@ class ReferenceConfig:
     # is decided in posttrain.models.
     kind: Literal["auto", "adapter_off", "separate"] = "auto"
     name_or_path: Optional[str] = None
-    precompute: bool = False  # compute reference log-probs once before training and reuse them
+    # compute reference log-probs of every training pair once before training and reuse them; auto: where that
+    # costs fewer reference passes than computing them live (posttrain.trainer.Trainer._resolve_precompute)
+    precompute: Union[bool, Literal["auto"]] = "auto"
 
 
 @dataclass

@@ -22,6 +22,11 @@ class StepPlan:
         self.steps_per_epoch = math.ceil(num_items / batch_size)
         self.total_steps = max_steps if max_steps is not None else self.steps_per_epoch * epochs
 
+    def visits(self) -> int:
+        """How many examples the whole plan trains on, counting each epoch's visit."""
+        epochs, steps = divmod(self.total_steps, self.steps_per_epoch)
+        return epochs * self.num_items + min(steps * self.batch_size, self.num_items)
+
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 

@@ -211,7 +211,7 @@ def validate_plugins(recipe: Recipe, search_dirs: list[Path]) -> None:
         check(SAMPLERS.params, sampler, recipe.sampler.params, f"sampler.params ({recipe.sampler.name})")
     if recipe.rollout.engine != "hf":
         check(ENGINES.get, recipe.rollout.engine, search_dirs)
-    if loss is not None and loss.data_kind == "groups" and loss.needs_reference and recipe.reference.precompute:
+    if loss is not None and loss.data_kind == "groups" and loss.needs_reference and recipe.reference.precompute is True:
         problems.append("reference.precompute works on a fixed set of pairs; an online run samples new "
                         "completions every step. Set reference.precompute: false.")
     estimator = recipe.rollout.advantage_estimator

@@ -150,7 +150,7 @@ class Trainer:
             self.entanglement = EntanglementDiagnostic(acc, self.model, (self.heldout_pairs or self.train_pairs)
                                                        [:r.eval.entanglement_pairs], self.pad_id, r.autocast_bf16,
                                                        self.metrics, self.log)
-            return PairStep(ctx, self.loss, self.train_pairs, self.plan, r.reference.precompute, r.eval.batch_size)
+            return PairStep(ctx, self.loss, self.train_pairs, self.plan, self._resolve_precompute(), r.eval.batch_size)
         self.rewards = build_reward_set(r.rewards, num_workers=r.rollout.reward_workers,
                                         timeout_s=r.rollout.reward_timeout, search_dirs=self.search_dirs)
         component = r.sampler.success_component or r.rewards[0].name
@@ -226,6 +226,20 @@ class Trainer:
             self._say(f"row layout: shared prompt {'on' if share_prompt else 'off'}, packing "
                       f"{'on' if packing else 'off'} (train.share_prompt / train.packing auto: {why}{packing_why})")
         return share_prompt, packing
+
+    def _resolve_precompute(self) -> bool:
+        """Whether to compute the reference log-probs of every training pair once before training. Each process
+        precomputes all pairs, in length-sorted batches of `eval.batch_size`; live, it scores its share of each
+        step's pairs. `auto` (the default) precomputes where the plan visits at least as many pairs per process
+        as there are pairs: a full epoch on one process, or several epochs on several."""
+        choice = self.recipe.reference.precompute
+        if choice != "auto" or not self.loss.needs_reference:
+            return bool(choice) and self.loss.needs_reference
+        visits = self.plan.visits() / self.world
+        precompute = visits >= len(self.train_pairs)
+        self._say(f"reference log-probs {'precomputed once' if precompute else 'computed live'} (reference.precompute "
+                  f"auto: {visits:g} pair visits per process, {len(self.train_pairs)} training pairs)")
+        return precompute
 
     def _packing_pays(self, share_prompt: bool, batches: int = 64) -> bool:
         """posttrain.data.layout.packing_pays on the first micro-batches of training pairs, in the chosen layout

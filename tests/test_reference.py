@@ -68,12 +68,26 @@ def test_separate_reference_model_equals_adapter_off_for_the_same_weights(tiny_m
 
 
 def test_precomputed_reference_gives_the_same_trajectory(tiny_model_dir, tmp_path):
-    _, live = _first_steps(_f64(tiny_model_dir, tmp_path, "a"), steps=3)
+    live_trainer, live = _first_steps(_f64(tiny_model_dir, tmp_path, "a", reference={"precompute": False}), steps=3)
     trainer, cached = _first_steps(_f64(tiny_model_dir, tmp_path, "b", reference={"precompute": True}), steps=3)
+    assert live_trainer.step.reference_cache is None
     assert trainer.step.reference_cache is not None and len(trainer.step.reference_cache) == len(trainer.train_pairs)
     for a, b in zip(live, cached):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-10)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-8, abs=1e-14)
+
+
+def test_precompute_auto_precomputes_when_the_plan_visits_every_pair(tiny_model_dir, tmp_path, capsys):
+    """auto: precomputed for a full epoch on one process (256 visits of 256 pairs), live for 8 steps of 8 pairs
+    (64 visits), where precomputing would score 4 times the pairs the run trains on."""
+    epoch, _ = _first_steps(_f64(tiny_model_dir, tmp_path, "a"), steps=1)
+    assert epoch.recipe.reference.precompute == "auto" and epoch.plan.visits() == 256
+    assert epoch.step.reference_cache is not None
+    assert "reference log-probs precomputed once (reference.precompute auto: 256 pair visits per process, 256 " \
+           "training pairs)" in capsys.readouterr().out
+    short, _ = _first_steps(_f64(tiny_model_dir, tmp_path, "b", train={"max_steps": 8}), steps=1)
+    assert short.plan.visits() == 64 and short.step.reference_cache is None
+    assert "reference log-probs computed live (reference.precompute auto: 64 pair visits" in capsys.readouterr().out
 
 
 def test_gradient_checkpointing_and_bf16_options(tiny_model_dir, tmp_path):

@@ -15,7 +15,7 @@ import yaml
 
 from helpers import recipe_from, tiny_recipe, write_varied_pairs
 from posttrain import cli
-from posttrain.plan import shard_for_rank
+from posttrain.plan import StepPlan, shard_for_rank
 from posttrain.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,13 @@ def test_shards_cover_every_pair_once_with_zero_weight_fillers():
     # A short step is padded to the full step's number of micro-batches with one-row fillers.
     assert shard_for_rank([5], 1, 2, 2, micro_batches=2) == [[None], [None]]
     assert shard_for_rank([5], 0, 2, 2, micro_batches=2) == [[5], [None]]
+
+
+def test_plan_visits_count_every_step_of_every_epoch():
+    for plan in (StepPlan(10, 4, 3, 0, True), StepPlan(10, 4, 3, 0, True, max_steps=4),
+                 StepPlan(10, 4, 1, 0, False, max_steps=2), StepPlan(10, 4, 1, 0, True, max_steps=7)):
+        assert plan.visits() == sum(len(plan.indices(s)) for s in range(plan.total_steps))
+    assert [StepPlan(10, 4, 3, 0, True).visits(), StepPlan(10, 4, 1, 0, True, max_steps=4).visits()] == [30, 14]
 
 
 def test_a_short_last_step_still_updates_and_leaves_no_gradient_behind(tiny_model_dir, tmp_path):
