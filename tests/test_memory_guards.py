@@ -21,7 +21,8 @@ def _raw(tiny_model_dir, tmp_path, **train):
     return tiny_recipe(tiny_model_dir, tmp_path / "run", data={"train": {"path": str(data)}, "heldout": None},
                        train={"batch_size": 4, "micro_batch_size": 4, "max_steps": 3,
                               "share_prompt": False, "packing": False, **train},  # the guard's bound: plain rows
-                       logging={"progress_bar": False, "report_to": ["jsonl"]})
+                       logging={"progress_bar": False, "report_to": ["jsonl"]},
+                       reference={"precompute": False})  # the guard bounds training micro-batches, not no-grad scoring
 
 
 def _largest_collated_batch(raw, monkeypatch) -> int:
