@@ -16,7 +16,7 @@ Set-up, fixed before the full run (the earlier run, one short epoch at 30% flips
   5 seeds; the curve of R on the flipped training pairs scored with their true labels, every 4 steps.
 - every finished run is saved at once: the same command with the same --out goes on where it stopped.
 
-    python benchmarks/claims/rdpo_label_noise.py --threads 1   # full: 42 runs of about 2.5 min on 2 CPU cores
+    python benchmarks/claims/rdpo_label_noise.py --threads 2   # full: 42 runs of 2.5 to 4 min on the 2-core CPU
     python benchmarks/claims/rdpo_label_noise.py --smoke       # tiny model, seconds
 """
 
@@ -133,8 +133,16 @@ def plot(arms: list[dict], runs: list[dict], selected: dict, path: Path) -> None
     import matplotlib.pyplot as plt
 
     rates = sorted({a["flip_rate"] for a in arms if a["flip_rate"] > 0})
-    fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 3.6), squeeze=False)
-    for ax, rate in zip(axes[0], rates):
+    fig, axes = plt.subplots(1, len(rates) + 1, figsize=(5 * (len(rates) + 1), 3.6), squeeze=False)
+    summary = summarise(arms, runs, selected)[1]
+    colours = {"dpo_clean": "grey", "dpo": "C0", "rdpo_true_eps": "C1", "rdpo_half_eps": "C2"}
+    bars = [(a, summary[f"{a['arm']}@{a['flip_rate']:g}"]) for a in arms if f"{a['arm']}@{a['flip_rate']:g}" in summary]
+    held_out = axes[0][0]
+    held_out.bar(range(len(bars)), [s["heldout_R_mean"] for _, s in bars], yerr=[s["heldout_R_se"] for _, s in bars],
+                 capsize=3, color=[colours[a["arm"]] for a, _ in bars])
+    held_out.set_xticks(range(len(bars)), [f"{a['arm']}\n{a['flip_rate']:.0%}" for a, _ in bars], fontsize=6)
+    held_out.set(title="held-out R (mean +- s.e. over seeds)", ylim=(0.5, 1))
+    for ax, rate in zip(axes[0][1:], rates):
         for arm in (a for a in arms if a["flip_rate"] == rate):
             key = f"{arm['arm']}@{rate:g}"
             final = [r for r in runs if f"{r['arm']}@{r['flip_rate']:g}" == key and r["lr"] == selected.get(key)]
