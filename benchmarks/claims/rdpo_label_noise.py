@@ -126,7 +126,7 @@ def summarise(arms: list[dict], runs: list[dict], selected: dict) -> tuple[list[
     return rows, summary
 
 
-def plot(arms: list[dict], runs: list[dict], selected: dict, path: Path) -> None:
+def plot(arms: list[dict], runs: list[dict], selected: dict, summary: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +134,6 @@ def plot(arms: list[dict], runs: list[dict], selected: dict, path: Path) -> None
 
     rates = sorted({a["flip_rate"] for a in arms if a["flip_rate"] > 0})
     fig, axes = plt.subplots(1, len(rates) + 1, figsize=(5 * (len(rates) + 1), 3.6), squeeze=False)
-    summary = summarise(arms, runs, selected)[1]
     colours = {"dpo_clean": "grey", "dpo": "C0", "rdpo_true_eps": "C1", "rdpo_half_eps": "C2"}
     bars = [(a, summary[f"{a['arm']}@{a['flip_rate']:g}"]) for a in arms if f"{a['arm']}@{a['flip_rate']:g}" in summary]
     held_out = axes[0][0]
@@ -204,7 +203,7 @@ def main() -> None:
         se = math.hypot(rdpo["heldout_R_se"], dpo["heldout_R_se"])
         print(f"{rate:.0%} flipped: rDPO (true eps) - DPO = {100 * gap:+.1f} points (s.e. {100 * se:.1f}): "
               f"{'rDPO better by more than 2 s.e.' if gap > 2 * se else 'not shown'}")
-    plot(arms, runs, selected, out.with_suffix(".png"))
+    plot(arms, runs, selected, summary, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
