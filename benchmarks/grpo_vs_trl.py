@@ -49,16 +49,17 @@ from benchmarks.common import (LOAD_LIMIT, matmul_peak, model_shape, peak_rss_mb
                                protocol_parser, read_bandwidth, run_as_child, run_child, run_rows, save_record, tiny_model_dir)
 
 SCRIPT = Path(__file__).resolve()
-BEST = {"prefill_once": True, "static_cache": True, "share_prompt": True, "packing": True,
+BEST = {"prefill_once": True, "static_cache": True, "merge_adapters": "auto", "share_prompt": True, "packing": True,
         "gradient_checkpointing": False, "bf16": False}
-PLAIN = {"prefill_once": False, "static_cache": False, "share_prompt": False, "packing": False,
-         "gradient_checkpointing": False, "bf16": False}
+PLAIN = {"prefill_once": False, "static_cache": False, "merge_adapters": False, "share_prompt": False,
+         "packing": False, "gradient_checkpointing": False, "bf16": False}
 ROWS = {
     "trl": {"side": "trl", "gradient_checkpointing": False, "bf16": False},
     "posttrain_plain": {"side": "posttrain", **PLAIN},
     "posttrain_best": {"side": "posttrain", **BEST},
     "posttrain_best_without_prefill_once": {"side": "posttrain", **BEST, "prefill_once": False},
     "posttrain_best_without_static_cache": {"side": "posttrain", **BEST, "static_cache": False},
+    "posttrain_best_without_merge_adapters": {"side": "posttrain", **BEST, "merge_adapters": False},
     "posttrain_best_without_share_prompt": {"side": "posttrain", **BEST, "share_prompt": False},
     "posttrain_best_without_packing": {"side": "posttrain", **BEST, "packing": False},
     "trl_gradient_checkpointing": {"side": "trl", "gradient_checkpointing": True, "bf16": False},
@@ -66,6 +67,8 @@ ROWS = {
     "trl_bf16": {"side": "trl", "gradient_checkpointing": False, "bf16": True},
     "posttrain_best_bf16": {"side": "posttrain", **BEST, "bf16": True},
     "posttrain_best_bf16_weights": {"side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16"},
+    "posttrain_best_bf16_weights_merged_adapters": {"side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16",
+                                                    "merge_adapters": True},
     # rollouts from vLLM (issue 13): colocated, and a `posttrain rollout-server` the child starts on loopback
     "posttrain_best_vllm": {"side": "posttrain", **BEST, "engine": "vllm"},
     "posttrain_best_vllm_server": {"side": "posttrain", **BEST, "engine": "vllm_server"},
@@ -190,7 +193,8 @@ def posttrain_recipe(spec: dict) -> dict:
         "rollout": {"group_size": G, "max_new_tokens": N, "min_new_tokens": N, "temperature": spec["temperature"],
                     "top_p": 1.0, "top_k": 0, "generation_batch_size": spec["prompts_per_step"] * G,
                     "reward_workers": 0, "prefill_once": spec["prefill_once"],
-                    "static_cache": spec.get("static_cache", False), "engine": spec.get("engine", "hf"),
+                    "static_cache": spec.get("static_cache", False),
+                    "merge_adapters": spec.get("merge_adapters", False), "engine": spec.get("engine", "hf"),
                     "max_staleness": spec.get("max_staleness", 0),
                     "vllm": {"server_url": spec.get("server_url", "http://127.0.0.1:8000"), "kv_cache_gib": 1}},
         "train": {"optimizer": "adamw", "lr": spec["lr"], "lr_scheduler": "constant", "warmup_steps": 0,
@@ -280,8 +284,10 @@ def run_posttrain_steps(spec: dict) -> dict:
 
 
 def run_greedy_check(spec: dict) -> dict:
-    """Greedy completions of `spec["prompts"]` distinct training prompts from posttrain's decode loop and from
-    transformers' generate, on the benchmark's fp32 model with a random LoRA adapter (B ~ N(0, 0.02)): equal?"""
+    """Greedy completions of `spec["prompts"]` distinct training prompts from transformers' generate and from
+    posttrain's decode loop with and without merged adapters, on the benchmark's model with a random LoRA adapter
+    (B ~ N(0, 0.02)), in fp32 or with bf16 base weights (`spec["dtype"]`, under bf16 autocast): how many equal
+    generate's?"""
     import torch
 
     from posttrain.recipe import load_recipe
@@ -289,7 +295,8 @@ def run_greedy_check(spec: dict) -> dict:
     from posttrain.trainer import Trainer
 
     torch.set_num_threads(spec["threads"])
-    trainer = Trainer(load_recipe(raw=posttrain_recipe({**spec, **PLAIN, "steps": spec["prompts"],
+    bf16 = spec["dtype"] == "bfloat16"
+    trainer = Trainer(load_recipe(raw=posttrain_recipe({**spec, **PLAIN, "bf16": bf16, "steps": spec["prompts"],
                                                          "prompts_per_step": 1, "micro_prompts": 1})))
     trainer.setup()
     model = trainer.peft_model
@@ -300,13 +307,17 @@ def run_greedy_check(spec: dict) -> dict:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     prompts = trainer.train_prompt_ids[:spec["prompts"]]
     params = SamplingParams(max_new_tokens=spec["max_new_tokens"], greedy=True)
+    device_type = next(model.parameters()).device.type
     outs = {}
-    for static_cache in (True, False):
+    for path, switches in {"generate": {"static_cache": False}, "loop": {"merge_adapters": False},
+                           "loop_merged": {"merge_adapters": True}}.items():
         engine = HFGenerateEngine(lambda: model, trainer.pad_id, [trainer.tokenizer.eos_token_id],
-                                  batch_size=len(prompts), static_cache=static_cache)
-        outs[static_cache] = [c.token_ids for c in engine.generate(prompts, params)]
-    same = sum(a == b for a, b in zip(outs[True], outs[False]))
-    return {"prompts": len(prompts), "identical": same}
+                                  batch_size=len(prompts), **switches,
+                                  autocast=lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16))
+        outs[path] = [c.token_ids for c in engine.generate(prompts, params)]
+    return {"dtype": spec["dtype"], "prompts": len(prompts),
+            **{f"{path}_identical": sum(a == b for a, b in zip(outs[path], outs["generate"]))
+               for path in ("loop", "loop_merged")}}
 
 
 CHILDREN = {"trl": run_trl, "posttrain": run_posttrain, "greedy": run_greedy_check}
@@ -433,9 +444,13 @@ def main() -> None:
             return f"{sum(s['wall'] for s in kept) / len(kept):.2f} s/step"
 
         results = run_rows(SCRIPT, names, ROWS, repeats, spec_for, describe)
-        greedy, _ = run_child(SCRIPT, "greedy", {**base, "prompts": 32, "output_dir": str(workdir / "greedy")})
-        print(f"greedy completions, posttrain's decode loop against generate (fp32, random adapter): "
-              f"{greedy['identical']} of {greedy['prompts']} identical", flush=True)
+        greedy = [run_child(SCRIPT, "greedy", {**base, "prompts": 32, "dtype": dtype,
+                                               "output_dir": str(workdir / f"greedy-{dtype}")})[0]
+                  for dtype in ("float32", "bfloat16")]
+        for check in greedy:
+            print(f"greedy completions against generate's ({check['dtype']} base weights, random adapter): decode "
+                  f"loop {check['loop_identical']} of {check['prompts']} identical, with merged adapters "
+                  f"{check['loop_merged_identical']}", flush=True)
     first = results[names[0]][1][0]
     for name, (_, runs) in results.items():
         for run in runs:

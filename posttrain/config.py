@@ -146,6 +146,9 @@ class RolloutConfig:
     generation_batch_size: int = 64  # sequences per generate call
     prefill_once: bool = True  # hf engine: a group's prompt prefilled once, its KV cache copied to the G completions
     static_cache: bool = True  # hf engine: posttrain's decode loop on a static KV cache; false: transformers' generate
+    # hf engine's decode loop: sample from LoRA merged into a copy of the base weights; auto: where that is exact to
+    # float rounding (fp32 or float64 weights, no autocast), not with bf16 weights or autocast (rounds the merged weight)
+    merge_adapters: Union[bool, Literal["auto"]] = "auto"
     truncated: Literal["keep", "mask", "penalize"] = "keep"  # completions without EOS within max_new_tokens
     truncated_reward: float = 0.0  # their reward under `penalize`
     updates_per_batch: int = 1  # optimiser updates per rollout batch (TRL's num_iterations)

@@ -173,6 +173,97 @@ def test_sampling_distribution_equals_generates_warpers():
     assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)  # about 5 standard deviations of chi2(dof)
 
 
+def test_decode_step_attention_equals_attention_over_repeated_heads():
+    """One query position per row against a left-padded cache, grouped-query heads: the decode loop's attention
+    equals softmax(q k^T / sqrt(d) + mask) v over key and value heads repeated per query head (float64), and
+    under bf16 autocast it still computes in fp32 (the fp32 result to 1e-6)."""
+    from posttrain.rollout.decode import decode_step_attention
+
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, width, dim = 3, 4, 2, 7, 8
+    query = torch.randn(rows, heads, 1, dim, generator=generator, dtype=torch.float64)
+    key, value = (torch.randn(rows, kv_heads, width, dim, generator=generator, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(rows, 1, 1, width, dtype=torch.bool)
+    mask[0, ..., :3] = False  # left padding
+    mask[2, ..., :1] = False
+    scores = query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) / dim ** 0.5
+    expected = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ value.repeat_interleave(2, dim=1)
+    out, _ = decode_step_attention(None, query, key, value, mask, scaling=dim ** -0.5)
+    assert out.shape == (rows, 1, heads, dim)
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, _ = decode_step_attention(None, query.float(), key.float(), value.float(), mask, scaling=dim ** -0.5)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast.double(), expected.transpose(1, 2), rtol=0, atol=1e-6)
+
+
+def _lora_policy(model_dir, dtype, **lora):
+    """The tiny model with a random LoRA adapter on every linear layer (B ~ N(0, 0.05), so it changes the output)."""
+    import peft
+
+    from posttrain.models import load_causal_lm
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(load_causal_lm(str(model_dir), dtype=dtype), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, **lora))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_magnitude" in name:
+                p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("float64", 1e-12), ("float32", 2e-5)])
+def test_merged_adapters_give_the_adapter_forward_and_leave_the_weights_as_they_were(tiny_model_dir, dtype,
+                                                                                     tolerance):
+    """Inside `merged_adapter_weights` the model, adapters off, computes the adapter forward from W + s B A (logits
+    to float rounding); afterwards the same parameter objects hold the same values, the adapters are on and
+    trainable again, and the engine's greedy tokens with merged adapters are those without."""
+    from posttrain.rollout.merged import merge_is_exact, merged_adapter_weights
+
+    model = _lora_policy(tiny_model_dir, dtype)
+    ids = torch.randint(5, 400, (3, 9), generator=torch.Generator().manual_seed(2))
+    before = {name: (p, p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()}
+    with torch.no_grad():
+        adapter_logits = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_logits = model(input_ids=ids).logits
+        with merged_adapter_weights(model) as merged:
+            merged_logits = model(input_ids=ids).logits
+    assert merged is True
+    assert (adapter_logits - base_logits).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=tolerance, atol=tolerance)
+    for name, p in model.named_parameters():
+        original, values, requires_grad = before[name]
+        assert p is original and torch.equal(p, values) and p.requires_grad == requires_grad, name
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, adapter_logits, rtol=0, atol=0)
+    eos = model.config.eos_token_id
+    prompts = [[5, 6, 7]] * 2 + [[8, 9, 10, 11, 12]] * 2 + [[20]]
+    params = SamplingParams(max_new_tokens=8, greedy=True)
+    outs = [[c.token_ids for c in HFGenerateEngine(lambda: model, pad_id=eos, stop_ids=[eos], merge_adapters=merge)
+             .generate(prompts, params)] for merge in (True, False)]
+    assert outs[0] == outs[1]
+    assert merge_is_exact(model, "cpu")  # fp32 or float64 weights: `auto` merges
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not merge_is_exact(model, "cpu")
+
+
+def test_merged_adapters_leave_dora_unmerged(tiny_model_dir):
+    """DoRA's magnitude vector is not a W + s B A merge: the model is left as it is (and samples with adapters)."""
+    from posttrain.rollout.merged import merged_adapter_weights
+
+    model = _lora_policy(tiny_model_dir, "float32", use_dora=True)
+    ids = torch.randint(5, 400, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with merged_adapter_weights(model) as merged:
+            inside = model(input_ids=ids).logits
+    assert merged is False
+    torch.testing.assert_close(inside, expected, rtol=0, atol=0)
+
+
 def test_groups_are_split_whole_over_processes_and_micro_batches():
     groups = list(range(5))
     per_rank = [split_groups(groups, 2, rank, per_micro=2, n_micro=2) for rank in (0, 1)]

@@ -38,6 +38,7 @@ import torch
 
 from posttrain.registry import Registry
 from posttrain.rollout.decode import left_padded, static_cache_decode
+from posttrain.rollout.merged import merge_is_exact, merged_adapter_weights
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,9 @@ class HFGenerateEngine(GenerationEngine):
     place, logits of the last position only, sampling on those); greedy tokens equal generate's, sampled ones
     come from the same distribution. Off, and under ZeRO-3: transformers' `generate`.
 
+    `merge_adapters` (the decode loop only): sample from LoRA merged into a copy of the base weights
+    (`posttrain.rollout.merged`); "auto" (default) where that is exact to rounding (fp32 weights, no autocast).
+
     `prefill_once`: a prompt that occurs several times in a batch (a group's G copies) is run through the
     model once; its KV cache is copied to every copy and `generate` continues from there (the cache holds
     all prompt tokens but the last, which generate feeds to produce the first new token). Position ids
@@ -147,7 +151,7 @@ class HFGenerateEngine(GenerationEngine):
 
     def __init__(self, model_getter: Callable, pad_id: int, stop_ids: list[int], batch_size: int = 64,
                  gather: Optional[Callable] = None, autocast: Optional[Callable] = None, prefill_once: bool = True,
-                 static_cache: bool = True):
+                 static_cache: bool = True, merge_adapters="auto"):
         self.model_getter = model_getter
         self.pad_id = pad_id
         self.stop_ids = set(int(i) for i in stop_ids)
@@ -156,12 +160,14 @@ class HFGenerateEngine(GenerationEngine):
         self.autocast = autocast or contextlib.nullcontext
         self.prefill_once = prefill_once
         self.static_cache = static_cache
+        self.merge_adapters = merge_adapters
 
     @classmethod
     def from_context(cls, context: EngineContext) -> "HFGenerateEngine":
         ro = context.rollout
         return cls(context.policy, context.pad_id, context.stop_ids, ro.generation_batch_size, gather=context.gather,
-                   autocast=context.autocast, prefill_once=ro.prefill_once, static_cache=ro.static_cache)
+                   autocast=context.autocast, prefill_once=ro.prefill_once, static_cache=ro.static_cache,
+                   merge_adapters=ro.merge_adapters)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -171,16 +177,24 @@ class HFGenerateEngine(GenerationEngine):
         use_cache = model.config.use_cache
         model.config.use_cache = True
         device = next(model.parameters()).device
+        decode_loop = self.static_cache and not _zero3_partitioned(model)
         out: list[Completion] = []
         try:
-            with self.gather(), self.autocast():
+            with self.gather(), self.autocast(), self._sampling_weights(model, decode_loop, device):
                 for start in range(0, len(prompts), self.batch_size):
                     chunk = prompts[start:start + self.batch_size]
-                    out += self._generate_chunk(model, chunk, params, device)
+                    out += self._generate_chunk(model, chunk, params, device, decode_loop)
         finally:
             model.config.use_cache = use_cache
             model.train(was_training)
         return out
+
+    def _sampling_weights(self, model, decode_loop: bool, device):
+        """Merged adapters for the decode loop (`merge_adapters`: true, or auto where merging is exact)."""
+        merge = self.merge_adapters
+        if decode_loop and (merge is True or (merge == "auto" and merge_is_exact(model, device.type))):
+            return merged_adapter_weights(model)
+        return contextlib.nullcontext()
 
     def _shared_prefix_cache(self, model, prompts: list[list[int]], width: int, device, keyword: str):
         """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to each
@@ -200,8 +214,9 @@ class HFGenerateEngine(GenerationEngine):
         cache.reorder_cache(torch.tensor(owner, device=device))
         return cache
 
-    def _generate_chunk(self, model, prompts: list[list[int]], params: SamplingParams, device) -> list[Completion]:
-        if self.static_cache and not _zero3_partitioned(model):
+    def _generate_chunk(self, model, prompts: list[list[int]], params: SamplingParams, device,
+                        decode_loop: bool) -> list[Completion]:
+        if decode_loop:
             new = static_cache_decode(model, prompts, params, self.pad_id, self.stop_ids, _cache_keyword(model),
                                       self.prefill_once, device)
             return [cut_at_stop(tokens, self.stop_ids, params.max_new_tokens) for tokens in new]
