@@ -8,8 +8,9 @@ and samples with `torch.multinomial`. Here the cache is allocated once at `promp
 filled column by column, and a token is drawn by inverting the cumulative distribution with one uniform number
 per row, and each decode step's attention is one fp32 kernel call that reads grouped-query heads in place
 (`decode_step_attention`). Greedy decoding gives generate's tokens exactly in fp32 and float64 (the same
-forward up to the attention kernel's rounding, argmax); sampling draws from the same distribution (temperature, then top-k, then top-p, as generate's warpers do) but
-not the same tokens under a seed, since the random numbers are used differently.
+forward up to the attention kernel's rounding, argmax); sampling draws from the same distribution
+(temperature, then top-k, then top-p, as generate's warpers do) but not the same tokens under a seed, since
+the random numbers are used differently.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def decode_step_attention(module, query, key, value, attention_mask, scaling=Non
     float64 model) with autocast off, every query head reading its key/value head in place.
 
     transformers' sdpa path repeats the key and value heads of a grouped-query model into a new tensor whenever a
-    mask is given (every decode step: 1 ms a layer for 32 rows of SmolLM2 here), and under bf16 autocast it runs
+    mask is given (every decode step: about 1 ms a layer for 32 rows of SmolLM2 here), and under bf16 autocast it runs
     the CPU kernel in bf16, which at one query position is four times slower than in fp32. Keys and values are
     already fp32 in the cache under autocast (`values_as_keys`), so fp32 costs no precision and no casts."""
     dtype = torch.promote_types(query.dtype, torch.float32)

@@ -151,7 +151,7 @@ class HFGenerateEngine(GenerationEngine):
 
     def __init__(self, model_getter: Callable, pad_id: int, stop_ids: list[int], batch_size: int = 64,
                  gather: Optional[Callable] = None, autocast: Optional[Callable] = None, prefill_once: bool = True,
-                 static_cache: bool = True, merge_adapters="auto"):
+                 static_cache: bool = True, merge_adapters: bool | str = "auto"):
         self.model_getter = model_getter
         self.pad_id = pad_id
         self.stop_ids = set(int(i) for i in stop_ids)
