@@ -7,13 +7,13 @@ matmuls of the attention block. For the length of one generate call the hf engin
     W' = W + s B A    (one addmm in W's dtype: A and B rounded to it, as autocast rounds them in the adapter
                        path; products accumulated in fp32),
 
-with the adapters switched off, and puts W back afterwards (0.03 s for SmolLM2's 210 layers in bf16 here). W' is
-a separate tensor: W itself is never written, so nothing drifts (merging and unmerging in place rounds bf16
+with the adapters switched off, and puts W back afterwards (about 0.1 s for SmolLM2's 210 layers here). W' is a
+separate tensor: W itself is never written, so nothing drifts (merging and unmerging in place rounds bf16
 weights twice). In fp32 the merged forward equals the adapter forward up to float rounding; with bf16 base
 weights W' is rounded to bf16 where the adapter path adds its bf16 product to the base product, so the sampling
-distribution moves by bf16 rounding (on SmolLM2 about as far as bf16 is from fp32: tests/test_bf16.py). So `rollout.merge_adapters: auto` merges
-only where it is exact to rounding: fp32 or float64 base weights and no autocast. Old-policy log-probs come from
-the trainer's forward, as for any engine.
+distribution moves by bf16 rounding (on SmolLM2 about as far as bf16 is from fp32: tests/test_bf16.py). So
+`rollout.merge_adapters: auto` merges only where it is exact to rounding: fp32 or float64 base weights and no
+autocast. Old-policy log-probs come from the trainer's forward, as for any engine.
 """
 
 from __future__ import annotations
