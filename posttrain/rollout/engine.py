@@ -38,7 +38,7 @@ import torch
 
 from posttrain.registry import Registry
 from posttrain.rollout.decode import left_padded, static_cache_decode
-from posttrain.rollout.merged import merge_is_exact, merged_adapter_weights
+from posttrain.rollout.merged import merged_adapter_weights
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ class HFGenerateEngine(GenerationEngine):
         decode_loop = self.static_cache and not _zero3_partitioned(model)
         out: list[Completion] = []
         try:
-            with self.gather(), self.autocast(), self._sampling_weights(model, decode_loop, device):
+            with self.gather(), self.autocast(), self._sampling_weights(model, decode_loop):
                 for start in range(0, len(prompts), self.batch_size):
                     chunk = prompts[start:start + self.batch_size]
                     out += self._generate_chunk(model, chunk, params, device, decode_loop)
@@ -189,11 +189,10 @@ class HFGenerateEngine(GenerationEngine):
             model.train(was_training)
         return out
 
-    def _sampling_weights(self, model, decode_loop: bool, device):
+    def _sampling_weights(self, model, decode_loop: bool):
         """Merged adapters for the decode loop (`merge_adapters`: true, or auto where merging is exact)."""
-        merge = self.merge_adapters
-        if decode_loop and (merge is True or (merge == "auto" and merge_is_exact(model, device.type))):
-            return merged_adapter_weights(model)
+        if decode_loop and self.merge_adapters in (True, "auto"):
+            return merged_adapter_weights(model, exact_only=self.merge_adapters == "auto")
         return contextlib.nullcontext()
 
     def _shared_prefix_cache(self, model, prompts: list[list[int]], width: int, device, keyword: str):

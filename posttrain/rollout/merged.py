@@ -27,12 +27,10 @@ from torch import nn
 def mergeable_lora_layers(model) -> list:
     """The model's LoRA linear layers, when every adapter of the model is plain LoRA on linear layers (no DoRA,
     no fully trained `modules_to_save`, which switching adapters off would also swap out); else []."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils import ModulesToSaveWrapper
-    except ImportError:
-        return []
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
     layers = []
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper):
@@ -47,21 +45,25 @@ def mergeable_lora_layers(model) -> list:
 def merge_is_exact(model, device_type: str) -> bool:
     """Whether W + s B A computes what the adapters compute up to fp32 rounding: base weights of at least fp32
     precision, and no autocast (which would round the merged weight to bf16 at every product)."""
-    layers = mergeable_lora_layers(model)
+    return _exact(mergeable_lora_layers(model), device_type)
+
+
+def _exact(layers: list, device_type: str) -> bool:
     wide = all(layer.get_base_layer().weight.dtype in (torch.float32, torch.float64) for layer in layers)
     return wide and not torch.is_autocast_enabled(device_type)
 
 
 @contextlib.contextmanager
-def merged_adapter_weights(model):
+def merged_adapter_weights(model, exact_only: bool = False):
     """Inside: `model` with its adapters off and each LoRA layer's base weight replaced by W + s B A of its active
-    adapters. Yields whether it merged (False: a model without plain LoRA layers, left as it is)."""
+    adapters. Yields whether it merged (False: a model without plain LoRA layers, or with `exact_only` one where
+    merging is not exact to rounding (`merge_is_exact`); left as it is)."""
     layers = mergeable_lora_layers(model)
-    if not layers:
+    device_type = layers[0].get_base_layer().weight.device.type if layers else "cpu"
+    if not layers or (exact_only and not _exact(layers, device_type)):
         yield False
         return
     originals = []
-    device_type = layers[0].get_base_layer().weight.device.type
     try:
         with torch.no_grad(), torch.autocast(device_type, enabled=False):  # W' in W's dtype
             for layer in layers:
