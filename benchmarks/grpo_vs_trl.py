@@ -49,10 +49,10 @@ from benchmarks.common import (LOAD_LIMIT, matmul_peak, model_shape, peak_rss_mb
                                protocol_parser, read_bandwidth, run_as_child, run_child, run_rows, save_record, tiny_model_dir)
 
 SCRIPT = Path(__file__).resolve()
-BEST = {"prefill_once": True, "static_cache": True, "merge_adapters": "auto", "share_prompt": True, "packing": True,
-        "gradient_checkpointing": False, "bf16": False}
-PLAIN = {"prefill_once": False, "static_cache": False, "merge_adapters": False, "share_prompt": False,
-         "packing": False, "gradient_checkpointing": False, "bf16": False}
+BEST = {"prefill_once": True, "static_cache": True, "merge_adapters": "auto", "prepack_weights": True,
+        "share_prompt": True, "packing": True, "gradient_checkpointing": False, "bf16": False}
+PLAIN = {"prefill_once": False, "static_cache": False, "merge_adapters": False, "prepack_weights": False,
+         "share_prompt": False, "packing": False, "gradient_checkpointing": False, "bf16": False}
 ROWS = {
     "trl": {"side": "trl", "gradient_checkpointing": False, "bf16": False},
     "posttrain_plain": {"side": "posttrain", **PLAIN},
@@ -69,6 +69,8 @@ ROWS = {
     "posttrain_best_bf16_weights": {"side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16"},
     "posttrain_best_bf16_weights_merged_adapters": {"side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16",
                                                     "merge_adapters": True},
+    "posttrain_best_bf16_weights_merged_adapters_without_prepack": {
+        "side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16", "merge_adapters": True, "prepack_weights": False},
     # rollouts from vLLM (issue 13): colocated, and a `posttrain rollout-server` the child starts on loopback
     "posttrain_best_vllm": {"side": "posttrain", **BEST, "engine": "vllm"},
     "posttrain_best_vllm_server": {"side": "posttrain", **BEST, "engine": "vllm_server"},
@@ -77,6 +79,7 @@ ROWS = {
     "posttrain_best_stale": {"side": "posttrain", **BEST, "max_staleness": 1},
 }
 SMOKE_ROWS = ["trl", "posttrain_plain", "posttrain_best"]
+GENERATE_ROW = "posttrain_best_without_static_cache"  # sampling with transformers' generate: issue 17's "old path"
 
 
 def trl_row_for(settings: dict) -> str:
@@ -194,7 +197,8 @@ def posttrain_recipe(spec: dict) -> dict:
                     "top_p": 1.0, "top_k": 0, "generation_batch_size": spec["prompts_per_step"] * G,
                     "reward_workers": 0, "prefill_once": spec["prefill_once"],
                     "static_cache": spec.get("static_cache", False),
-                    "merge_adapters": spec.get("merge_adapters", False), "engine": spec.get("engine", "hf"),
+                    "merge_adapters": spec.get("merge_adapters", False),
+                    "prepack_weights": spec.get("prepack_weights", False), "engine": spec.get("engine", "hf"),
                     "max_staleness": spec.get("max_staleness", 0),
                     "vllm": {"server_url": spec.get("server_url", "http://127.0.0.1:8000"), "kv_cache_gib": 1}},
         "train": {"optimizer": "adamw", "lr": spec["lr"], "lr_scheduler": "constant", "warmup_steps": 0,
@@ -388,18 +392,21 @@ def summarise(name: str, settings: dict, repeats: list[dict], drop: int, complet
 
 def print_table(rows: list[dict]) -> None:
     head = ("| row | s/step | generation s | share of bound | sync s | rewards s | training s | generation tok/s "
-            "| training tok/s | peak RSS MB (engine) | s/step: TRL / this | compared with | max mismatch | other load |")
+            "| training tok/s | peak RSS MB (engine) | s/step: TRL / this | compared with "
+            f"| generation: {GENERATE_ROW} / this | max mismatch | other load |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         ratio = r.get("vs_trl", {})
         speedup = f"{ratio['speedup']:.2f}x" if ratio else "-"
+        generation = (f"{r['generation_speedup_vs_generate']:.2f}x" if "generation_speedup_vs_generate" in r
+                      else "-")
         engine_rss = f" ({r['engine_peak_rss_mb']:.0f})" if r["settings"].get("engine", "hf") != "hf" else ""
         print(f"| {r['name']} | {r['s_per_step']:.2f} | {r['generation_s_per_step']:.2f} "
               f"| {r['generation_share_of_bound']:.0%} | {r['sync_s_per_step']:.3f} | {r['rewards_s_per_step']:.3f} "
               f"| {r['train_s_per_step']:.2f} | {r['generation_tokens_per_s']:.1f} "
               f"| {r['train_tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f}{engine_rss} "
-              f"| {speedup} | {ratio.get('row', '-')} | {r['mismatch_max']:.2g} "
+              f"| {speedup} | {ratio.get('row', '-')} | {generation} | {r['mismatch_max']:.2g} "
               f"| {max(r['other_cpu']):.2f}{' (loaded)' if r['loaded'] else ''} |")
 
 
@@ -468,6 +475,9 @@ def main() -> None:
                            "generation_speedup": trl["generation_s_per_step"] / r["generation_s_per_step"],
                            "train_speedup": trl["train_s_per_step"] / r["train_s_per_step"],
                            "peak_rss_mb": r["peak_rss_mb"] / trl["peak_rss_mb"]}
+        if r["settings"]["side"] == "posttrain" and GENERATE_ROW in by_name:
+            r["generation_speedup_vs_generate"] = (by_name[GENERATE_ROW]["generation_s_per_step"]
+                                                   / r["generation_s_per_step"])
     print()
     print_table(rows)
     save_record(args, probes,

@@ -163,3 +163,43 @@ def test_merged_adapters_move_bf16_sampling_by_about_bf16s_own_error(smollm2_dir
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not merge_is_exact(model, "cpu")
     assert not merge_is_exact(model, "cpu")  # bf16 base weights
+
+
+def test_prepacked_bf16_weights_give_the_same_logits_and_tokens_bit_for_bit(tiny_model_dir, tmp_path):
+    """`rollout.prepack_weights`: inside `prepacked_linear_weights` every bf16 linear layer multiplies a copy of its
+    weight reordered for oneDNN. Under bf16 autocast the logits equal the plain forward's bit for bit, adapters on
+    and merged, the layers are as they were afterwards, and the engine's greedy completions are the same. On a CPU
+    whose oneDNN lacks bf16 nothing is packed."""
+    from torch import nn
+
+    from posttrain.rollout import HFGenerateEngine, SamplingParams
+    from posttrain.rollout.merged import merged_adapter_weights
+    from posttrain.rollout.packed import prepacked_linear_weights, prepacking_supported
+
+    model = _policy(tiny_model_dir, tmp_path, "bfloat16")
+    ids = torch.randint(5, 400, (4, 7), generator=torch.Generator().manual_seed(3))
+    linear = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapters = model(input_ids=ids).logits
+        with prepacked_linear_weights(model, rows_hint=4) as packed:
+            adapters_packed = model(input_ids=ids).logits
+        with merged_adapter_weights(model), prepacked_linear_weights(model, rows_hint=4):
+            merged_packed = model(input_ids=ids).logits
+        with merged_adapter_weights(model):
+            merged = model(input_ids=ids).logits
+    if not prepacking_supported(torch.device("cpu")):
+        assert packed == 0
+        return
+    assert packed == len(linear) > 0
+    assert torch.equal(adapters_packed, adapters) and torch.equal(merged_packed, merged)
+    assert not any("forward" in layer.__dict__ for layer in linear)
+    with prepacked_linear_weights(model, rows_hint=4), pytest.raises(RuntimeError, match="dtype"):
+        linear[0](torch.ones(2, linear[0].in_features))  # fp32 input outside autocast: the layer's own error
+
+    eos = model.config.eos_token_id
+    prompts = [[5, 6, 7]] * 3 + [[8, 9, 10, 11, 12]] * 3
+    outs = [[c.token_ids for c in HFGenerateEngine(
+        lambda: model, pad_id=eos, stop_ids=[eos], merge_adapters=True, prepack_weights=prepack,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16)).generate(prompts, SamplingParams(
+            max_new_tokens=8, greedy=True))] for prepack in (True, False)]
+    assert outs[0] == outs[1]
