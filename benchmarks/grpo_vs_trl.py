@@ -49,10 +49,10 @@ from benchmarks.common import (LOAD_LIMIT, matmul_peak, model_shape, peak_rss_mb
                                protocol_parser, read_bandwidth, run_as_child, run_child, run_rows, save_record, tiny_model_dir)
 
 SCRIPT = Path(__file__).resolve()
-BEST = {"prefill_once": True, "static_cache": True, "merge_adapters": "auto", "prepack_weights": True,
-        "share_prompt": True, "packing": True, "gradient_checkpointing": False, "bf16": False}
-PLAIN = {"prefill_once": False, "static_cache": False, "merge_adapters": False, "prepack_weights": False,
-         "share_prompt": False, "packing": False, "gradient_checkpointing": False, "bf16": False}
+BEST = {"prefill_once": True, "static_cache": True, "merge_adapters": "auto", "share_prompt": True, "packing": True,
+        "gradient_checkpointing": False, "bf16": False}
+PLAIN = {"prefill_once": False, "static_cache": False, "merge_adapters": False, "share_prompt": False,
+         "packing": False, "gradient_checkpointing": False, "bf16": False}
 ROWS = {
     "trl": {"side": "trl", "gradient_checkpointing": False, "bf16": False},
     "posttrain_plain": {"side": "posttrain", **PLAIN},
@@ -69,8 +69,6 @@ ROWS = {
     "posttrain_best_bf16_weights": {"side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16"},
     "posttrain_best_bf16_weights_merged_adapters": {"side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16",
                                                     "merge_adapters": True},
-    "posttrain_best_bf16_weights_merged_adapters_without_prepack": {
-        "side": "posttrain", **BEST, "bf16": True, "dtype": "bfloat16", "merge_adapters": True, "prepack_weights": False},
     # rollouts from vLLM (issue 13): colocated, and a `posttrain rollout-server` the child starts on loopback
     "posttrain_best_vllm": {"side": "posttrain", **BEST, "engine": "vllm"},
     "posttrain_best_vllm_server": {"side": "posttrain", **BEST, "engine": "vllm_server"},
@@ -197,8 +195,7 @@ def posttrain_recipe(spec: dict) -> dict:
                     "top_p": 1.0, "top_k": 0, "generation_batch_size": spec["prompts_per_step"] * G,
                     "reward_workers": 0, "prefill_once": spec["prefill_once"],
                     "static_cache": spec.get("static_cache", False),
-                    "merge_adapters": spec.get("merge_adapters", False),
-                    "prepack_weights": spec.get("prepack_weights", False), "engine": spec.get("engine", "hf"),
+                    "merge_adapters": spec.get("merge_adapters", False), "engine": spec.get("engine", "hf"),
                     "max_staleness": spec.get("max_staleness", 0),
                     "vllm": {"server_url": spec.get("server_url", "http://127.0.0.1:8000"), "kv_cache_gib": 1}},
         "train": {"optimizer": "adamw", "lr": spec["lr"], "lr_scheduler": "constant", "warmup_steps": 0,

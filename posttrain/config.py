@@ -149,8 +149,6 @@ class RolloutConfig:
     # hf engine's decode loop: sample from LoRA merged into a copy of the base weights; auto: where that is exact to
     # float rounding (fp32 or float64 weights, no autocast), not with bf16 weights or autocast (rounds the merged weight)
     merge_adapters: Union[bool, Literal["auto"]] = "auto"
-    # hf engine's decode loop: bf16 linear weights on a CPU reordered once per generate call for oneDNN (same products)
-    prepack_weights: bool = True
     truncated: Literal["keep", "mask", "penalize"] = "keep"  # completions without EOS within max_new_tokens
     truncated_reward: float = 0.0  # their reward under `penalize`
     updates_per_batch: int = 1  # optimiser updates per rollout batch (TRL's num_iterations)

@@ -39,7 +39,6 @@ import torch
 from posttrain.registry import Registry
 from posttrain.rollout.decode import left_padded, static_cache_decode
 from posttrain.rollout.merged import merged_adapter_weights
-from posttrain.rollout.packed import prepacked_linear_weights
 
 
 @dataclass(frozen=True)
@@ -142,8 +141,6 @@ class HFGenerateEngine(GenerationEngine):
 
     `merge_adapters` (the decode loop only): sample from LoRA merged into a copy of the base weights
     (`posttrain.rollout.merged`); "auto" (default) where that is exact to rounding (fp32 weights, no autocast).
-    `prepack_weights` (the decode loop only, default on): bf16 linear weights on a CPU reordered once per call for
-    oneDNN (`posttrain.rollout.packed`; the same products bit for bit).
 
     `prefill_once`: a prompt that occurs several times in a batch (a group's G copies) is run through the
     model once; its KV cache is copied to every copy and `generate` continues from there (the cache holds
@@ -154,7 +151,7 @@ class HFGenerateEngine(GenerationEngine):
 
     def __init__(self, model_getter: Callable, pad_id: int, stop_ids: list[int], batch_size: int = 64,
                  gather: Optional[Callable] = None, autocast: Optional[Callable] = None, prefill_once: bool = True,
-                 static_cache: bool = True, merge_adapters: bool | str = "auto", prepack_weights: bool = True):
+                 static_cache: bool = True, merge_adapters: bool | str = "auto"):
         self.model_getter = model_getter
         self.pad_id = pad_id
         self.stop_ids = set(int(i) for i in stop_ids)
@@ -164,14 +161,13 @@ class HFGenerateEngine(GenerationEngine):
         self.prefill_once = prefill_once
         self.static_cache = static_cache
         self.merge_adapters = merge_adapters
-        self.prepack_weights = prepack_weights
 
     @classmethod
     def from_context(cls, context: EngineContext) -> "HFGenerateEngine":
         ro = context.rollout
         return cls(context.policy, context.pad_id, context.stop_ids, ro.generation_batch_size, gather=context.gather,
                    autocast=context.autocast, prefill_once=ro.prefill_once, static_cache=ro.static_cache,
-                   merge_adapters=ro.merge_adapters, prepack_weights=ro.prepack_weights)
+                   merge_adapters=ro.merge_adapters)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -184,7 +180,7 @@ class HFGenerateEngine(GenerationEngine):
         decode_loop = self.static_cache and not _zero3_partitioned(model)
         out: list[Completion] = []
         try:
-            with self.gather(), self.autocast(), self._sampling_weights(model, decode_loop, len(prompts)):
+            with self.gather(), self.autocast(), self._sampling_weights(model, decode_loop):
                 for start in range(0, len(prompts), self.batch_size):
                     chunk = prompts[start:start + self.batch_size]
                     out += self._generate_chunk(model, chunk, params, device, decode_loop)
@@ -193,16 +189,11 @@ class HFGenerateEngine(GenerationEngine):
             model.train(was_training)
         return out
 
-    @contextlib.contextmanager
-    def _sampling_weights(self, model, decode_loop: bool, rows: int):
-        """For the decode loop: merged adapters (`merge_adapters`: true, or auto where merging is exact), then
-        prepacked bf16 weights (`prepack_weights`), packed for the rows of one generate chunk."""
-        with contextlib.ExitStack() as stack:
-            if decode_loop and self.merge_adapters in (True, "auto"):
-                stack.enter_context(merged_adapter_weights(model, exact_only=self.merge_adapters == "auto"))
-            if decode_loop and self.prepack_weights:
-                stack.enter_context(prepacked_linear_weights(model, rows_hint=min(rows, self.batch_size)))
-            yield
+    def _sampling_weights(self, model, decode_loop: bool):
+        """Merged adapters for the decode loop (`merge_adapters`: true, or auto where merging is exact)."""
+        if decode_loop and self.merge_adapters in (True, "auto"):
+            return merged_adapter_weights(model, exact_only=self.merge_adapters == "auto")
+        return contextlib.nullcontext()
 
     def _shared_prefix_cache(self, model, prompts: list[list[int]], width: int, device, keyword: str):
         """The KV cache of every prompt but its last token, computed once per distinct prompt and copied to each
