@@ -26,6 +26,7 @@ from posttrain.checkpoint_state import (TrainingState, follow_current_schedule, 
 from posttrain.config import Recipe, recipe_to_dict
 from posttrain.core import PolicyLogProbs
 from posttrain.core.logprobs import check_against_forward
+from posttrain.core.segments import attends_by_segment
 from posttrain.data.layout import packing_pays, shared_length
 from posttrain.errors import ModelError, PosttrainError, RecipeError
 from posttrain.eval.entanglement import EntanglementDiagnostic, entanglement_due
@@ -243,7 +244,7 @@ class Trainer:
 
     def _packing_pays(self, share_prompt: bool, batches: int = 64) -> bool:
         """posttrain.data.layout.packing_pays on the first micro-batches of training pairs, in the chosen layout
-        (a shared segment per pair, or its two sequences)."""
+        (a shared segment per pair, or its two sequences), attention by segment where the model runs it so."""
         text = self.policy.config.get_text_config()
         heads = text.num_attention_heads
         attention_width = heads * (getattr(text, "head_dim", None) or text.hidden_size // heads)
@@ -253,7 +254,8 @@ class Trainer:
         segments = [[shared_length(p) for p in pairs[i:i + size]] if share_prompt else
                     [len(p.prompt_ids) + len(y) for p in pairs[i:i + size] for y in (p.chosen_ids, p.rejected_ids)]
                     for i in range(0, len(pairs), size)]
-        return packing_pays(segments, self.recipe.train.pack_tokens, weights, text.num_hidden_layers, attention_width)
+        return packing_pays(segments, self.recipe.train.pack_tokens, weights, text.num_hidden_layers, attention_width,
+                            by_segment=attends_by_segment(self.policy))
 
     @property
     def peft_model(self):

@@ -14,6 +14,7 @@ softmax is float32 too, with the same effect on gradients: its stated tolerance 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -214,7 +215,8 @@ def test_auto_layout_is_the_fastest_the_kernel_honours_and_says_so(tiny_model_di
 def test_packing_pays_where_lengths_vary_and_not_where_they_are_alike():
     """The cost model on SmolLM2-135M's shape (135M weights, 30 layers, attention width 576): 16 arithmetic-like
     segments of about 50 positions per micro-batch stack with almost no padding, so packing them into rows of
-    1,024 only adds attention; 4 HH-like segments of 100 to 500 positions waste most of a padded batch."""
+    1,024 only adds attention; 4 HH-like segments of 100 to 500 positions waste most of a padded batch. Attended
+    segment by segment, packing saves the padding and costs nothing."""
     import random
 
     from posttrain.data.layout import packing_pays
@@ -225,6 +227,10 @@ def test_packing_pays_where_lengths_vary_and_not_where_they_are_alike():
     varied = [[generator.randint(100, 500) for _ in range(4)] for _ in range(20)]
     assert packing_pays(varied, 1024, **shape)
     assert not packing_pays(varied, 1024, margin=0.0, **shape)  # the margin is honoured
+    # attended by segment (sdpa, posttrain.core.segments) packing adds no attention: what is left is the padding
+    assert not packing_pays([[50, 51, 52, 49] * 4] * 10, 1024, by_segment=True, **shape)  # about 3% padding
+    assert packing_pays([[50, 51, 52, 49, 35, 60] * 3] * 10, 1024, by_segment=True, **shape)  # about 17%
+    assert packing_pays(varied, 1024, by_segment=True, **shape)
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -309,3 +315,52 @@ def test_online_layouts_take_the_same_grpo_steps(tiny_model_dir, tmp_path, monke
             assert b["reward/mean"] == a["reward/mean"]  # the same rollouts
             for key in ("loss", "grad_norm", "kl", "update2/loss", "update2/grad_norm"):
                 assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (train, key)
+
+
+def test_segment_attention_cuts_packed_rows_at_their_segments_and_gives_the_whole_rows_numbers(
+        float64_norm, monkeypatch):
+    """posttrain.core.segments: sdpa block by block over a packed shared-prompt row. The blocks start where the
+    layout's segments start (position id 0; each padding position is a block of its own once MIN_BLOCK allows it),
+    a mask that lets a query see a later block is not cut, and log-probs and gradients equal sdpa's over whole
+    rows to 1e-9 in float64; under gradient checkpointing (recomputed outside the forward) rows stay whole."""
+    import posttrain.core.logprobs as logprobs_module
+    from posttrain.core import segments
+
+    monkeypatch.setattr(segments, "MIN_BLOCK", 1)
+    monkeypatch.setattr(segments, "CALL_PRODUCTS", 1)
+    model = make_tiny_model(VOCAB, dtype=torch.float64)
+    pairs = _pairs()
+    layout = dict(share_prompt=True, pack_tokens=60)
+    rows, chosen, rejected, loss, grads = _dpo_step(model, pairs, **layout)
+    cut = [(r, row) for r, row in enumerate(rows.attention_mask._posttrain_blocks) if row is not None]
+    assert cut
+    for r, row in cut:
+        assert [start for start, _, _ in row] == (rows.position_ids[r] == 0).nonzero().flatten().tolist()
+        assert any(end - start > 1 and not causal for start, end, causal in row)  # shared prompts: a mask per block
+
+    by_segment = logprobs_module.segment_attention_for
+    monkeypatch.setattr(logprobs_module, "segment_attention_for", lambda *args: contextlib.nullcontext())
+    whole_rows, whole_w, whole_l, whole_loss, whole_grads = _dpo_step(model, pairs, **layout)
+    assert not hasattr(whole_rows.attention_mask, "_posttrain_blocks")
+    torch.testing.assert_close(chosen, whole_w, **TOL)
+    torch.testing.assert_close(rejected, whole_l, **TOL)
+    torch.testing.assert_close(loss, whole_loss, **TOL)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(grads[name], grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+    ahead = torch.eye(8, dtype=torch.bool)
+    ahead[:4, 4:] = True  # queries 0-3 see keys 4-7
+    assert segments.row_blocks(ahead) is None
+    assert segments.row_blocks(torch.ones(8, 8, dtype=torch.bool).tril()) is None  # one segment: whole
+    two = torch.zeros(8, 8, dtype=torch.bool)
+    two[:4, :4] = two[4:, 4:] = torch.ones(4, 4, dtype=torch.bool).tril()
+    assert segments.row_blocks(two) == [(0, 4, True), (4, 8, True)]  # two causal segments: 32 products saved
+    monkeypatch.setattr(segments, "CALL_PRODUCTS", 33)
+    assert segments.row_blocks(two) is None  # not worth an extra call
+
+    monkeypatch.setattr(logprobs_module, "segment_attention_for", by_segment)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    checkpointed_rows, checkpointed_w, *_ = _dpo_step(model, pairs, **layout)
+    assert not hasattr(checkpointed_rows.attention_mask, "_posttrain_blocks")
+    torch.testing.assert_close(checkpointed_w, chosen, **TOL)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from posttrain.core.segments import segment_attention_for
+
 
 @dataclass(frozen=True)
 class LogitProcessing:
@@ -102,7 +104,8 @@ class PolicyLogProbs(nn.Module):
     This is the module handed to `accelerate.prepare`, so DDP and DeepSpeed see every forward.
     forward(input_ids [N, L], attention_mask [N, L], loss_mask [N, L]) -> log-probs [N, L-1], where
     entry t-1 is log pi(input_ids[t] | input_ids[<t]) for completion tokens (loss_mask[t] = 1) and 0
-    elsewhere. `position_ids` allows padding-free packing.
+    elsewhere. `position_ids` allows padding-free packing. A boolean 4-D layout mask is attended segment by
+    segment (`posttrain.core.segments`).
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
@@ -119,8 +122,9 @@ class PolicyLogProbs(nn.Module):
         base = _base_model(self.model)
         decoder = base.get_decoder()
         output_layer = base.get_output_embeddings()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
+        with segment_attention_for(base, attention_mask):
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
         target_mask = loss_mask[:, 1:].bool()
         selected = hidden[:, :-1][target_mask]
         targets = input_ids[:, 1:][target_mask]

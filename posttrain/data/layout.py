@@ -132,22 +132,33 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return [row for row in rows if row]
 
 
-def forward_cost(row_widths: list[int], weights: int, layers: int, attention_width: int) -> float:
-    """FLOPs of a forward over rows of these widths (docs/performance.md, the cost model): per position 2 x
-    weights for the matmuls and 4 x layers x attention_width x W for attention masked over its row of W."""
-    return sum(w * (2 * weights + 4 * layers * attention_width * w) for w in row_widths)
+def forward_cost(rows: list[list[int]], weights: int, layers: int, attention_width: int, by_segment: bool = False,
+                 padded_width: Optional[int] = None) -> float:
+    """FLOPs of a forward over rows holding segments of these lengths, each row `padded_width` positions wide (None:
+    its segments' total) (docs/performance.md, the cost model): per position 2 x weights for the matmuls, and for
+    attention 4 x layers x attention_width x W per position of a row of W masked as a whole, or x its segment's
+    length with `by_segment` (sdpa segment by segment, posttrain.core.segments)."""
+    cost = 0.0
+    for segments in rows:
+        W = padded_width or sum(segments)
+        attended = sum(L * L for L in segments) if by_segment else W * W
+        cost += 2 * weights * W + 4 * layers * attention_width * attended
+    return cost
 
 
 def packing_pays(segment_batches: list[list[int]], capacity: int, weights: int, layers: int,
-                 attention_width: int, margin: float = 0.9) -> bool:
+                 attention_width: int, by_segment: bool = False, margin: float = 0.9) -> bool:
     """Whether packing micro-batches of segments of these lengths into rows of about `capacity` positions costs
-    at most `margin` of stacking them padded to the longest, by `forward_cost`. Packing removes padding but makes
-    each row's attention quadratic in the whole row: it pays where lengths vary, not where they are all alike."""
+    at most `margin` of stacking them padded to the longest, by `forward_cost`. Packing removes padding; where
+    attention runs over whole rows it makes each row's attention quadratic in the whole row, so it pays where
+    lengths vary, not where they are all alike; attended `by_segment` it costs no attention and pays wherever the
+    padding it removes is worth more than the margin."""
     stacked = packed = 0.0
     for lengths in segment_batches:
-        stacked += forward_cost([max(lengths)] * len(lengths), weights, layers, attention_width)
-        packed += forward_cost([sum(lengths[i] for i in row) for row in pack(lengths, capacity)], weights, layers,
-                               attention_width)
+        stacked += forward_cost([[L] for L in lengths], weights, layers, attention_width, by_segment,
+                                padded_width=max(lengths))
+        packed += forward_cost([[lengths[i] for i in row] for row in pack(lengths, capacity)], weights, layers,
+                               attention_width, by_segment)
     return packed <= margin * stacked
 
 
