@@ -151,7 +151,7 @@ def packing_pays(segment_batches: list[list[int]], capacity: int, weights: int, 
     """Whether packing micro-batches of segments of these lengths into rows of about `capacity` positions costs
     at most `margin` of stacking them padded to the longest, by `forward_cost`. Packing removes padding; where
     attention runs over whole rows it makes each row's attention quadratic in the whole row, so it pays where
-    lengths vary, not where they are all alike; attended `by_segment` it costs no attention and pays wherever the
+    lengths vary, not where they are all alike; attended `by_segment` it adds no attention and pays wherever the
     padding it removes is worth more than the margin."""
     stacked = packed = 0.0
     for lengths in segment_batches:
