@@ -317,12 +317,24 @@ def test_online_layouts_take_the_same_grpo_steps(tiny_model_dir, tmp_path, monke
                 assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (train, key)
 
 
+def _mask_of(pieces, width: int) -> torch.Tensor:
+    """The [W, W] mask a row's pieces (posttrain.core.segments.row_pieces) attend by."""
+    mask = torch.zeros(width, width, dtype=torch.bool)
+    for q0, q1, keys, piece_mask in pieces:
+        columns = torch.cat([torch.arange(k0, k1) for k0, k1 in keys])
+        n = q1 - q0
+        mask[q0:q1, columns] = torch.ones(n, n, dtype=torch.bool).tril() if piece_mask is None else piece_mask[0, 0]
+    return mask
+
+
 def test_segment_attention_cuts_packed_rows_at_their_segments_and_gives_the_whole_rows_numbers(
         float64_norm, monkeypatch):
-    """posttrain.core.segments: sdpa block by block over a packed shared-prompt row. The blocks start where the
-    layout's segments start (position id 0; each padding position is a block of its own once MIN_BLOCK allows it),
-    a mask that lets a query see a later block is not cut, and log-probs and gradients equal sdpa's over whole
-    rows to 1e-9 in float64; under gradient checkpointing (recomputed outside the forward) rows stay whole."""
+    """posttrain.core.segments: sdpa piece by piece over packed shared-prompt rows. The pieces attend by exactly the
+    row's mask (the prompt and first response one causal piece, each later response its own queries over the
+    prompt's keys and its own), they start where the layout's segments start (position id 0; each padding position
+    once MIN_BLOCK allows it), a mask that lets a query see a later block is not cut, and log-probs and gradients
+    equal sdpa's over whole rows to 1e-9 in float64; under gradient checkpointing (recomputed outside the forward)
+    rows stay whole."""
     import posttrain.core.logprobs as logprobs_module
     from posttrain.core import segments
 
@@ -332,16 +344,18 @@ def test_segment_attention_cuts_packed_rows_at_their_segments_and_gives_the_whol
     pairs = _pairs()
     layout = dict(share_prompt=True, pack_tokens=60)
     rows, chosen, rejected, loss, grads = _dpo_step(model, pairs, **layout)
-    cut = [(r, row) for r, row in enumerate(rows.attention_mask._posttrain_blocks) if row is not None]
-    assert cut
+    cut = [(r, row) for r, row in enumerate(rows.attention_mask._posttrain_pieces) if row is not None]
+    assert len(cut) == len(rows.input_ids)
     for r, row in cut:
-        assert [start for start, _, _ in row] == (rows.position_ids[r] == 0).nonzero().flatten().tolist()
-        assert any(end - start > 1 and not causal for start, end, causal in row)  # shared prompts: a mask per block
+        assert torch.equal(_mask_of(row, rows.input_ids.shape[1]), rows.attention_mask[r, 0])
+        starts = [q0 for q0, *_ in row]
+        assert set((rows.position_ids[r] == 0).nonzero().flatten().tolist()) <= set(starts)
+    assert any(len(keys) == 2 for _, row in cut for _, _, keys, _ in row)  # responses over the prompt's keys
 
     by_segment = logprobs_module.segment_attention_for
     monkeypatch.setattr(logprobs_module, "segment_attention_for", lambda *args: contextlib.nullcontext())
     whole_rows, whole_w, whole_l, whole_loss, whole_grads = _dpo_step(model, pairs, **layout)
-    assert not hasattr(whole_rows.attention_mask, "_posttrain_blocks")
+    assert not hasattr(whole_rows.attention_mask, "_posttrain_pieces")
     torch.testing.assert_close(chosen, whole_w, **TOL)
     torch.testing.assert_close(rejected, whole_l, **TOL)
     torch.testing.assert_close(loss, whole_loss, **TOL)
@@ -350,17 +364,17 @@ def test_segment_attention_cuts_packed_rows_at_their_segments_and_gives_the_whol
 
     ahead = torch.eye(8, dtype=torch.bool)
     ahead[:4, 4:] = True  # queries 0-3 see keys 4-7
-    assert segments.row_blocks(ahead) is None
-    assert segments.row_blocks(torch.ones(8, 8, dtype=torch.bool).tril()) is None  # one segment: whole
+    assert segments.row_pieces(ahead) is None
+    assert segments.row_pieces(torch.ones(8, 8, dtype=torch.bool).tril()) == [(0, 8, ((0, 8),), None)]
     two = torch.zeros(8, 8, dtype=torch.bool)
     two[:4, :4] = two[4:, 4:] = torch.ones(4, 4, dtype=torch.bool).tril()
-    assert segments.row_blocks(two) == [(0, 4, True), (4, 8, True)]  # two causal segments: 32 products saved
-    monkeypatch.setattr(segments, "CALL_PRODUCTS", 33)
-    assert segments.row_blocks(two) is None  # not worth an extra call
+    assert segments.row_pieces(two) == [(0, 4, ((0, 4),), None), (4, 8, ((4, 8),), None)]  # 44 products saved
+    monkeypatch.setattr(segments, "CALL_PRODUCTS", 45)
+    assert segments.row_pieces(two) is None  # not worth an extra call
 
     monkeypatch.setattr(logprobs_module, "segment_attention_for", by_segment)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     checkpointed_rows, checkpointed_w, *_ = _dpo_step(model, pairs, **layout)
-    assert not hasattr(checkpointed_rows.attention_mask, "_posttrain_blocks")
+    assert not hasattr(checkpointed_rows.attention_mask, "_posttrain_pieces")
     torch.testing.assert_close(checkpointed_w, chosen, **TOL)
