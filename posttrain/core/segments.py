@@ -1,15 +1,18 @@
-"""sdpa over posttrain's layout masks one block of positions at a time (docs/performance.md, "Attention by
-segment").
+"""sdpa over posttrain's layout masks one piece of a row at a time (docs/performance.md, "Attention by segment").
 
 The shared-prompt and packed layouts (posttrain.data.layout) give the model a boolean 4-D mask [rows, 1, W, W] in
-which no query attends outside its own segment. sdpa given the whole mask multiplies every query of a row by every
-key of it and masks afterwards: W^2 products per head, where the segments need only the sum of their squares (a
-row of four 256-position segments: a quarter). Here each row is cut into blocks at every position t that no query
-at or after t reaches back over, and sdpa runs on each block with its own part of the mask (`is_causal` where that
-part is the causal triangle). Every query sees the same keys with the same mask, so the result is sdpa's over the
-whole row up to float summation order (tests/test_layout.py). Rows are cut once per mask (the same tensor reaches
-every layer) and kept on it. A row is attended whole where the products cutting saves would not pay for the extra
-calls (a short segment and its padding) or where its mask lets a query see a later block.
+which no query attends outside its own segment, and within a shared segment x + y_1 + [x_last] + y_2 + ... each
+response attends to the prompt and causally to itself. sdpa given the whole mask multiplies every query of a row by
+every key of it and masks afterwards: W^2 products per head. Here each row is cut into blocks at every position
+that no later query reaches back over (segment starts), and each segment into pieces: the prompt and the first
+response are one causal piece (`is_causal`: the kernel skips the blocks above the diagonal), each later response
+one piece whose keys are the prompt's and its own, gathered, under their part of the mask. A packed row of four
+equal plain segments then costs an eighth of its whole-row products, a shared pair's segment about half. Every
+query sees the same keys under the same mask, so the result is sdpa's over the whole row up to float summation
+order (tests/test_layout.py). Rows are cut once per mask (the same tensor reaches every layer) and the pieces kept
+on it. A row is attended whole where the products the pieces save would not pay for the extra calls (a short
+segment and its padding), or where its mask lets a query see a later block; a segment whose mask is not of the
+layout's form, or with a response shorter than MIN_BLOCK, is one piece under its part of the mask.
 
 Used for the forwards of `PolicyLogProbs` (`segment_attention_for`) when the model's attention is sdpa and the mask
 is a boolean 4-D one, and not under gradient checkpointing, whose recomputation runs outside that forward.
